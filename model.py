@@ -1,0 +1,549 @@
+"""The Artemis graft: a Mistral-family decoder, a 2-layer MLP projector and the Qwen3-VL vision tower.
+
+Mirrors transformers' `MistralForCausalLM` (modeling_mistral.py) and artemis-vlm's
+`ArtemisVLMForConditionalGeneration`: the projected image vectors overwrite the decoder's input
+embeddings at the `<|image_pad|>` positions, then the decoder runs unchanged (1-D RoPE, no M-RoPE,
+no DeepStack). Module attribute names equal the checkpoint keys, so loading is a strict state-dict
+load straight from safetensors. Generation follows gpt-fast: a preallocated KV cache written at
+`input_pos`, a prefill that encodes the image once, then one-token decode steps.
+"""
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vision import VisionConfig, VisionTower
+
+# Checkpoint tensors the graft reads past on purpose. Qwen3-VL feeds its DeepStack mergers into its own
+# decoder's early layers; Artemis keeps the Mistral decoder unmodified, so it never uses them.
+IGNORED_KEYS = ("visual.deepstack_merger_list.",)
+
+
+@dataclass
+class TextConfig:
+    """Mistral decoder shapes; field names are config.json keys, defaults are MistralConfig's."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads (Mistral-Nemo sets 128 with hidden 5120)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096  # None: full causal attention
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"text config: rope_type {kind!r} is not supported, expected 'default' (plain RoPE)")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
+        kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if "sliding_window" in d:  # an explicit null means full attention; absent means MistralConfig's 4096
+            kw["sliding_window"] = d["sliding_window"]
+        return cls(**kw)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["rope_parameters"] = {"rope_theta": d.pop("rope_theta"), "rope_type": "default"}
+        return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_act": "silu", **d}
+
+
+@dataclass
+class ArtemisConfig:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 22  # the A-series repurposed <|image_pad|>
+    video_token_id: int = 23
+    projector_hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("model_type") != "artemis_vlm":
+            raise ValueError(f"config.json: model_type {d.get('model_type')!r}, expected 'artemis_vlm'")
+        if d.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"config.json: projector_hidden_act {d['projector_hidden_act']!r}, expected 'gelu'")
+        return cls(TextConfig.from_dict(d["text_config"]), VisionConfig.from_dict(d["vision_config"]),
+                   d.get("image_token_id", 22), d.get("video_token_id", 23))
+
+    def to_dict(self, dtype=None):
+        return {"model_type": "artemis_vlm", "architectures": ["ArtemisVLMForConditionalGeneration"],
+                "text_config": self.text.to_dict(), "vision_config": self.vision.to_dict(),
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "projector_hidden_act": self.projector_hidden_act,
+                "dtype": str(dtype).removeprefix("torch.") if dtype else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistral decoder
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back, then scale: the order transformers uses, which matters in bf16
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope(pos, head_dim, theta, dtype):
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T); computed in fp32, then cast."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Mistral(nn.Module):
+    """MistralForCausalLM: keys `model.embed_tokens`, `model.layers.{i}.*`, `model.norm`, `lm_head`."""
+
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.config = c
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(c.vocab_size, c.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers)),
+            norm=RMSNorm(c.hidden_size, c.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, x, pos, mask, input_pos=None):
+        """x: input embeddings (B, T, d); pos: RoPE positions (B, T); mask: bool (B, 1, T, S) or None
+        for plain causal; input_pos: KV-cache slots (T,) when a cache is set up. Returns hidden (B, T, d)."""
+        cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        return self.model.norm(x)
+
+
+def attention_mask(q_slots, kv_len, key_valid, window):
+    """Boolean (B, 1, T, S) mask, True where query slot i may attend key slot j: causal, within the sliding
+    window (the last `window` keys including itself), and not a padding key. Every query keeps its own slot so
+    a padding query never sees an all-False row (softmax NaN); its output is never used."""
+    k = torch.arange(kv_len, device=q_slots.device)
+    m = k[None, :] <= q_slots[:, None]  # (T, S)
+    if window is not None:
+        m = m & (k[None, :] > q_slots[:, None] - window)
+    m = m[None] & key_valid[:, None, :kv_len]  # (B, T, S)
+    return (m | (k[None, :] == q_slots[:, None]))[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The graft
+
+class Projector(nn.Module):
+    """artemis-vlm's ArtemisVLMProjector: vision out_hidden -> text hidden, exact GELU."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_out)
+        self.fc2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ArtemisVLM(nn.Module):
+    def __init__(self, config: ArtemisConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config.vision)
+        self.multi_modal_projector = Projector(config.vision.out_hidden_size, config.text.hidden_size)
+        self.language_model = Mistral(config.text)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with the projected image vectors written at the <|image_pad|> positions."""
+        x = self.language_model.model.embed_tokens(input_ids)  # (B, T, d_text)
+        is_img = input_ids == self.config.image_token_id
+        n_pad = int(is_img.sum())
+        if pixel_values is None:
+            if n_pad:
+                raise ValueError(f"input_ids hold {n_pad} image placeholders (id {self.config.image_token_id}) "
+                                 "but no pixel_values were given")
+            return x
+        feats = self.visual(pixel_values, image_grid_thw)  # (n_img_tokens, out_hidden)
+        feats = self.multi_modal_projector(feats)  # (n_img_tokens, d_text)
+        if n_pad != feats.shape[0]:
+            raise ValueError(f"input_ids hold {n_pad} image placeholders (id {self.config.image_token_id}) but the "
+                             f"images give {feats.shape[0]} features (grid_thw.prod() // merge**2 per image)")
+        return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, labels=None, attention_mask=None):
+        """Returns (logits, loss) like nanoGPT. Without labels: logits (B, T, vocab), loss None. With labels
+        (-100 = ignored, shifted here): the mean cross-entropy over the labelled tokens, and logits None,
+        because the head runs only on labelled positions: (B*T, 131072) logits are never materialised."""
+        B, T = input_ids.shape
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        mask = None  # plain causal: lets SDPA pick its flash kernel
+        if attention_mask is not None:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding keeps each row at 0, 1, ...
+            if not attention_mask.bool().all():
+                mask = attention_mask_for(self.config.text, T, attention_mask.bool())
+        else:
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        if mask is None and self.config.text.sliding_window is not None and T > self.config.text.sliding_window:
+            mask = attention_mask_for(self.config.text, T, torch.ones(B, T, dtype=torch.bool, device=x.device))
+        h = self.language_model(x, pos, mask)  # (B, T, d_text)
+        if labels is None:
+            return self.language_model.lm_head(h), None
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.language_model.lm_head(h[:, :-1][keep])  # (n_labelled, vocab)
+        return None, F.cross_entropy(logits.float(), targets[keep])
+
+    def set_training_stage(self, stage, vision_top_n=0):
+        """artemis-vlm's recipe: stage1 trains the projector; stage2 adds the decoder; the vision tower stays
+        frozen but for its top `vision_top_n` blocks. Returns (n_trainable, n_total) parameters."""
+        if stage not in ("stage1", "stage2"):
+            raise ValueError(f"stage {stage!r}: expected 'stage1' or 'stage2'")
+        self.visual.requires_grad_(False)
+        self.language_model.requires_grad_(stage == "stage2")
+        self.multi_modal_projector.requires_grad_(True)
+        for block in self.visual.blocks[len(self.visual.blocks) - vision_top_n:] if vision_top_n else []:
+            block.requires_grad_(True)
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    def setup_caches(self, batch, max_len):
+        c = self.config.text
+        p = self.language_model.lm_head.weight
+        for layer in self.language_model.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
+
+    def clear_caches(self):
+        for layer in self.language_model.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def prefill(self, input_ids, pos, key_valid, pixel_values=None, image_grid_thw=None):
+        """Run the prompt into the cache; the only step that sees the image. Returns last logits (B, vocab)."""
+        T = input_ids.shape[1]
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        slots = torch.arange(T, device=input_ids.device)
+        mask = attention_mask(slots, key_valid.shape[1], key_valid, self.config.text.sliding_window)
+        h = self.language_model(x, pos, mask, slots)
+        return self.language_model.lm_head(h[:, -1])
+
+    def decode_one(self, token, pos, input_pos, key_valid):
+        """One token per row at cache slot input_pos (a 1-element tensor); RoPE positions pos (B, 1)."""
+        x = self.language_model.model.embed_tokens(token)  # (B, 1, d_text)
+        mask = attention_mask(input_pos, key_valid.shape[1], key_valid, self.config.text.sliding_window)
+        h = self.language_model(x, pos, mask, input_pos)
+        return self.language_model.lm_head(h[:, -1])
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, pixel_values=None,
+                 image_grid_thw=None, attention_mask=None, stop_ids=None, decode_one=None):
+        """Prompt (B, T), left-padded when rows differ in length (attention_mask 0 on the pads), followed by up to
+        max_new_tokens new tokens. A row that emits a stop id keeps repeating it while the others finish.
+        decode_one: an optional compiled `self.decode_one`."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        S = T + max_new_tokens
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
+        key_valid[:, :T] = attention_mask.bool()
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        self.setup_caches(B, S)
+        stop = torch.tensor(stop_ids or [], dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = [input_ids]
+        logits = self.prefill(input_ids, pos, key_valid, pixel_values, image_grid_thw)
+        nxt_pos = pos[:, -1:] + 1  # (B, 1)
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_k, top_p)  # (B,)
+            tok = torch.where(done, out[-1][:, -1], tok)
+            out.append(tok[:, None])
+            done |= torch.isin(tok, stop)
+            if done.all() or i == max_new_tokens - 1:
+                break
+            input_pos = torch.tensor([T + i], device=dev)
+            logits = (decode_one or self.decode_one)(tok[:, None], nxt_pos + i, input_pos, key_valid)
+        self.clear_caches()
+        return torch.cat(out, dim=1)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """An artemis-vlm checkpoint directory (single file or sharded), or a hub repo id."""
+        path = resolve(path)
+        cfg = read_json(os.path.join(path, "config.json"))
+        try:
+            config = ArtemisConfig.from_dict(cfg)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}/config.json: not an artemis_vlm config ({e})") from None
+        dtype = dtype or getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+        with torch.device("meta"):
+            model = cls(config)
+        sd = read_tensors(path, lambda k: None if k.startswith(IGNORED_KEYS) else k, dtype, device)
+        return model.load_checked(sd, path)
+
+    @classmethod
+    def from_parts(cls, text_path, vision_path, image_token_id=22, video_token_id=23, dtype=None, device="cpu",
+                   seed=0):
+        """A new graft: a Mistral-family decoder checkpoint + the vision tower of a Qwen3-VL checkpoint (only its
+        `model.visual.*` tensors are read) + a freshly initialised projector."""
+        text_path, vision_path = resolve(text_path), resolve(vision_path)
+        tcfg = read_json(os.path.join(text_path, "config.json"))
+        vcfg = read_json(os.path.join(vision_path, "config.json"))
+        if tcfg.get("model_type") != "mistral":
+            raise ValueError(f"{text_path}/config.json: model_type {tcfg.get('model_type')!r}, expected 'mistral'")
+        if "vision_config" not in vcfg:
+            raise ValueError(f"{vision_path}/config.json: no 'vision_config', expected a Qwen3-VL checkpoint")
+        config = ArtemisConfig(TextConfig.from_dict(tcfg), VisionConfig.from_dict(vcfg["vision_config"]),
+                               image_token_id, video_token_id)
+        dtype = dtype or getattr(torch, tcfg.get("dtype") or tcfg.get("torch_dtype") or "float32")
+        with torch.device("meta"):
+            model = cls(config)
+        sd = read_tensors(text_path, lambda k: "language_model." + k, dtype, device)
+
+        def vision_key(k):
+            for prefix in ("model.visual.", "visual."):
+                if k.startswith(prefix):
+                    k = "visual." + k[len(prefix):]
+                    return None if k.startswith(IGNORED_KEYS) else k
+
+        sd.update(read_tensors(vision_path, vision_key, dtype, device))
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.multi_modal_projector.named_parameters():
+            # transformers' _init_weights for Linear: normal(0, initializer_range=0.02) weights, zero biases
+            t = torch.randn(p.shape, generator=g) * 0.02 if name.endswith("weight") else torch.zeros(p.shape)
+            sd["multi_modal_projector." + name] = t.to(device, dtype)
+        return model.load_checked(sd, f"{text_path} + {vision_path}")
+
+    def load_checked(self, sd, where):
+        """Strict load with errors that name the key; tensors are assigned, never copied into random init."""
+        want = {k: v.shape for k, v in self.state_dict().items()}
+        if self.config.text.tie_word_embeddings:
+            want.pop("language_model.lm_head.weight")
+            sd.pop("language_model.lm_head.weight", None)
+        for k in want:
+            if k not in sd:
+                raise ValueError(f"{where}: missing tensor {k!r} (expected shape {tuple(want[k])})")
+            if sd[k].shape != want[k]:
+                raise ValueError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(want[k])}")
+        extra = sorted(set(sd) - set(want))
+        if extra:
+            raise ValueError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+        self.load_state_dict(sd, strict=not self.config.text.tie_word_embeddings, assign=True)
+        self.language_model.tie_weights()  # assign=True replaced the tied Parameter: share it again
+        return self
+
+    def save_pretrained(self, path, max_shard_size=5 * 2**30, write_extra=None):
+        """config.json + safetensors in the artemis-vlm layout, sharded above max_shard_size bytes with an index.
+        Written into `path.tmp` and renamed over `path`, so an interrupted save never leaves a checkpoint that
+        looks complete. write_extra(tmp_dir) adds files (tokenizer, resume state) inside the same swap."""
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.text.tie_word_embeddings:
+            sd.pop("language_model.lm_head.weight")  # transformers re-ties it from embed_tokens
+        shards, size = [{}], 0
+        for k, v in sd.items():
+            n = v.numel() * v.element_size()
+            if shards[-1] and size + n > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += n
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        dtype = next(iter(sd.values())).dtype
+        write_json(os.path.join(tmp, "config.json"), self.config.to_dict(dtype))
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if write_extra is not None:
+            write_extra(tmp)
+        old = path.rstrip("/") + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def attention_mask_for(c: TextConfig, T, key_valid):
+    return attention_mask(torch.arange(T, device=key_valid.device), T, key_valid, c.sliding_window)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    """Next token per row from logits (B, vocab); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), -float("inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found, expected a Hugging Face checkpoint file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def resolve(path):
+    """A local checkpoint directory as is; anything else is a hub repo id, fetched through huggingface-hub."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path}: is a file, expected a checkpoint directory or a hub repo id")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+    except Exception as e:
+        raise ValueError(f"{path}: not a local directory, and fetching it from the hub failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_tensors(path, rename, dtype, device):
+    """{rename(key): tensor} for the checkpoint's tensors whose rename is not None, read one at a time straight
+    into `dtype` on `device`, so host memory holds at most one copy of the weights."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for k in f.keys():
+                new = rename(k)
+                if new is not None:
+                    t = f.get_tensor(k)
+                    sd[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return sd
+
+
+def flops_per_token(c: TextConfig, n_tokens):
+    """Decoder training FLOPs per token (forward + backward = 6 N + attention), for MFU."""
+    n = c.num_hidden_layers * (c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+                               + 3 * c.hidden_size * c.intermediate_size) + c.hidden_size * c.vocab_size
+    return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n_tokens

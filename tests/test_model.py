@@ -1,0 +1,244 @@
+"""Parity of model.py with transformers' MistralForCausalLM and artemis-vlm's ArtemisVLMForConditionalGeneration
+on tiny random weights saved by them and loaded by our loaders; cached generation; checkpoint round trips."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+artemis_vlm = pytest.importorskip("artemis_vlm")
+from transformers import MistralConfig, MistralForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration  # noqa: E402
+
+from model import ArtemisConfig, ArtemisVLM, Mistral, TextConfig, read_tensors  # noqa: E402
+
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+              num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=16, spatial_merge_size=2,
+              temporal_patch_size=2, in_channels=3)
+TEXT = dict(vocab_size=96, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_parameters={"rope_theta": 1e4,
+            "rope_type": "default"}, sliding_window=None, tie_word_embeddings=False)
+IMG = 22
+GRIDS = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 6, 4]])
+
+
+def perturb(model, seed=0):
+    """Random init leaves norms at 1/0 and weights at std 0.02, which makes logits nearly uniform; give every
+    tensor unit-scale activations so a mis-wired one shows in the log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() >= 2:
+                fan_in = p[0].numel() if "embed" not in name else 1
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+    return model
+
+
+def logprobs(logits):
+    return torch.log_softmax(logits.float(), -1)
+
+
+def artemis_reference(tmp_path, text=None, seed=0):
+    torch.manual_seed(seed)
+    cfg = artemis_vlm.ArtemisVLMConfig(vision_config=VISION, text_config=dict(model_type="mistral", **(text or TEXT)),
+                                       image_token_id=IMG)
+    ref = perturb(artemis_vlm.ArtemisVLMForConditionalGeneration(cfg).eval(), seed)
+    ref.save_pretrained(tmp_path / "ref")
+    return ref, str(tmp_path / "ref")
+
+
+def image_batch(seed=0):
+    """Two rows, three images of different grids (two in the first row), right-padded row 2, and labels."""
+    g = torch.Generator().manual_seed(seed)
+    n = [int(t.prod()) // 4 for t in GRIDS]
+    row1 = [5, 6] + [IMG] * n[0] + [7, 8, 9] + [IMG] * n[1] + [10, 11, 12, 13]
+    row2 = [5] + [IMG] * n[2] + list(torch.randint(30, 90, (6,), generator=g).tolist())
+    T = max(len(row1), len(row2))
+    ids = torch.tensor([row1 + [0] * (T - len(row1)), row2 + [0] * (T - len(row2))])
+    mask = torch.tensor([[1] * len(row1) + [0] * (T - len(row1)), [1] * len(row2) + [0] * (T - len(row2))])
+    labels = ids.clone()
+    labels[ids == IMG] = -100
+    labels[mask == 0] = -100
+    labels[:, :2] = -100
+    pixels = torch.randn(int(GRIDS.prod(-1).sum()), 3 * 2 * 16 * 16, generator=g)
+    return ids, mask, labels, pixels
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decoder_matches_transformers(tmp_path, window):
+    torch.manual_seed(0)
+    ref = perturb(MistralForCausalLM(MistralConfig(**{**TEXT, "sliding_window": window})).eval())
+    ref.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        c = TextConfig.from_dict(json.load(f))
+    assert c.head_dim == 12 and c.sliding_window == window
+    ours = Mistral(c)
+    ours.load_state_dict(read_tensors(str(tmp_path), lambda k: k, torch.float32, "cpu"), strict=True)
+    ids = torch.randint(0, 96, (2, 17))
+    pos = torch.arange(17).expand(2, 17)
+    mask = None
+    if window:
+        from model import attention_mask_for
+        mask = attention_mask_for(c, 17, torch.ones(2, 17, dtype=torch.bool))
+    with torch.no_grad():
+        want = logprobs(ref(ids).logits)
+        got = logprobs(ours.lm_head(ours(ours.model.embed_tokens(ids), pos, mask)))
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_graft_matches_artemis_logits_and_loss(tmp_path):
+    ref, path = artemis_reference(tmp_path)
+    ours = ArtemisVLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, mask, labels, pixels = image_batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=GRIDS, labels=labels)
+        logits, none = ours(ids, pixels, GRIDS, attention_mask=mask)
+        no_logits, loss = ours(ids, pixels, GRIDS, labels=labels, attention_mask=mask)
+    assert none is None and no_logits is None
+    real = mask.bool()
+    diff = (logprobs(logits) - logprobs(want.logits))[real].abs().max()
+    assert diff <= 1e-4, diff
+    assert abs(loss.item() - want.loss.item()) <= 1e-5
+
+
+def test_image_count_mismatch_is_an_error(tmp_path):
+    _, path = artemis_reference(tmp_path)
+    ours = ArtemisVLM.from_pretrained(path)
+    ids, mask, _, pixels = image_batch()
+    with pytest.raises(ValueError, match="image placeholders"):
+        ours(ids[:, :-1][:, 3:], pixels, GRIDS)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        ours(ids)
+
+
+def test_from_parts_saves_a_checkpoint_artemis_loads(tmp_path):
+    torch.manual_seed(1)
+    perturb(MistralForCausalLM(MistralConfig(**TEXT))).save_pretrained(tmp_path / "text")
+    qcfg = Qwen3VLConfig(vision_config=VISION, text_config=dict(
+        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=24, rope_parameters={"rope_type": "default", "mrope_section": [4, 4, 4],
+                                                             "rope_theta": 1e4}))
+    qv = perturb(Qwen3VLForConditionalGeneration(qcfg), 1)
+    qv.save_pretrained(tmp_path / "qwen")
+    ours = ArtemisVLM.from_parts(str(tmp_path / "text"), str(tmp_path / "qwen"), dtype=torch.float32).eval()
+    vis_want = {k.removeprefix("model.visual."): v for k, v in qv.state_dict().items() if k.startswith("model.visual.")}
+    for k, v in ours.visual.state_dict().items():
+        assert torch.equal(v, vis_want[k]), k
+    ours.save_pretrained(str(tmp_path / "graft"), max_shard_size=20_000)  # forces several shards + an index
+    assert os.path.exists(tmp_path / "graft" / "model.safetensors.index.json")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "graft"), dtype=torch.float32).eval()
+    ids, mask, labels, pixels = image_batch(1)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=GRIDS).logits
+        got, _ = ours(ids, pixels, GRIDS, attention_mask=mask)
+    assert (logprobs(got) - logprobs(want))[mask.bool()].abs().max() <= 1e-4
+    # and it loads back through ours, unchanged
+    again = ArtemisVLM.from_pretrained(str(tmp_path / "graft"))
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_strict_loading_names_the_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, path = artemis_reference(tmp_path)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    bad = dict(sd)
+    del bad["language_model.model.norm.weight"]
+    save_file(bad, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor 'language_model.model.norm.weight' \(expected shape \(40,\)\)"):
+        ArtemisVLM.from_pretrained(path)
+    bad = dict(sd)
+    bad["multi_modal_projector.fc1.bias"] = torch.zeros(3)
+    save_file(bad, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'multi_modal_projector.fc1.bias' has shape \(3,\), expected \(40,\)"):
+        ArtemisVLM.from_pretrained(path)
+    bad = dict(sd)
+    bad["language_model.model.extra"] = torch.zeros(3)
+    save_file(bad, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected tensor 'language_model.model.extra'"):
+        ArtemisVLM.from_pretrained(path)
+    # the deepstack mergers are on the ignore list, so the untouched checkpoint loads
+    assert any(k.startswith("visual.deepstack_merger_list.") for k in sd)
+
+
+def test_config_spellings():
+    new = TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "rope_parameters": {"rope_theta": 5.0}})
+    old = TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 5.0, "sliding_window": None})
+    assert new.rope_theta == old.rope_theta == 5.0
+    assert new.sliding_window == 4096 and old.sliding_window is None  # absent: MistralConfig's default
+    assert new.head_dim == 16
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        TextConfig.from_dict({"rope_scaling": {"type": "yarn", "factor": 2.0}})
+    c = ArtemisConfig(new, ArtemisConfig.from_dict({"model_type": "artemis_vlm", "text_config": {},
+                                                     "vision_config": VISION}).vision)
+    assert ArtemisConfig.from_dict(c.to_dict()) == c
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    ref, path = artemis_reference(tmp_path, {**TEXT, "tie_word_embeddings": True})
+    ours = ArtemisVLM.from_pretrained(path)
+    assert ours.language_model.lm_head.weight is ours.language_model.model.embed_tokens.weight
+    ids = torch.randint(30, 90, (1, 9))
+    with torch.no_grad():
+        assert (logprobs(ours(ids)[0]) - logprobs(ref(input_ids=ids).logits)).abs().max() <= 1e-4
+    ours.save_pretrained(str(tmp_path / "again"))
+    again = ArtemisVLM.from_pretrained(str(tmp_path / "again"))
+    assert torch.equal(again.language_model.lm_head.weight, ours.language_model.model.embed_tokens.weight)
+
+
+def uncached_greedy(model, ids, mask, n, pixels=None, grids=None):
+    for _ in range(n):
+        logits, _ = model(ids, pixels, grids, attention_mask=mask)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_cached_generation_equals_uncached(tmp_path, window):
+    _, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": window})
+    model = ArtemisVLM.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(30, 90, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding of different lengths
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        want = uncached_greedy(model, ids, mask, 10)
+        got = model.generate(ids, 10, temperature=0, attention_mask=mask)
+        assert torch.equal(got, want)
+        for i in range(3):  # each row alone, unpadded, continues the same way
+            row = ids[i:i + 1, mask[i].bool()]
+            assert torch.equal(model.generate(row, 10, temperature=0)[0, -10:], want[i, -10:])
+
+
+def test_generation_sees_the_image_and_stops(tmp_path):
+    ref, path = artemis_reference(tmp_path)
+    model = ArtemisVLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        model.multi_modal_projector.fc2.weight.mul_(50)  # make the image dominate a random decoder
+    grid = GRIDS[:1]
+    ids = torch.tensor([[5] + [IMG] * 6 + [7, 8]])
+    a = torch.randn(24, 1536, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(24, 1536, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out_a = model.generate(ids, 8, temperature=0, pixel_values=a, image_grid_thw=grid)
+        out_b = model.generate(ids, 8, temperature=0, pixel_values=b, image_grid_thw=grid)
+        assert torch.equal(out_a, uncached_greedy(model, ids, torch.ones_like(ids), 8, a, grid))
+        assert not torch.equal(out_a[:, -8:], out_b[:, -8:])
+        stop = int(out_a[0, -6])  # the third new token
+        stopped = model.generate(ids, 8, temperature=0, pixel_values=a, image_grid_thw=grid, stop_ids=[stop])
+    assert stopped.shape[1] <= ids.shape[1] + 3 and stopped[0, -1] == stop
+
+
+def test_sampling_options():
+    from model import sample
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]]).repeat(200, 1)
+    torch.manual_seed(0)
+    assert (sample(logits, 0) == 2).all()
+    assert set(sample(logits, 1.0, top_k=2).tolist()) <= {2, 3}
+    assert set(sample(logits, 1.0, top_p=0.5).tolist()) == {2}
+    assert len(set(sample(logits, 5.0).tolist())) > 2
