@@ -1,0 +1,417 @@
+"""
+Turns a corpus into a prepared dataset directory for train.py: rows of chat messages with their images already
+resized by Processor.resize (what the model sees, so training never decodes full-size photos), split into train and
+a held-out val by a stable hash of each sample's key (re-runs and resumes agree on it).
+
+  python prepare.py --dataset=shapes                  # offline demo: captioned synthetic shapes + its own tokenizer
+  python prepare.py --dataset=tars --src='blip3o/*.tar' --tokenizer=ckpt/A3        # Stage 1: image + caption shards
+  python prepare.py --dataset=chat --src=mix.jsonl --image_root=imgs --tokenizer=ckpt/A3   # Stage 2 chat rows
+  python prepare.py --dataset=llava --src=llava_v1_5_mix665k.json --image_root=imgs --tokenizer=ckpt/A3
+
+tars: webdataset shards as BLIP3o-Pretrain-Long-Caption ships them: key.jpg (or .jpeg/.png/.webp) with its caption in
+  key.txt, or in key.json's "caption" field (img2dataset-style metadata). Each becomes the one-turn caption row
+  user: [image, prompt], assistant: caption -- the Stage-1 row of the seeds' trainer (Merlina).
+chat: .json/.jsonl rows with "messages" (a list, or that list as a JSON string) whose content may be a list of
+  {"type": "image"} / {"type": "text", "text": ...} items, plus "image" or "images" paths (null: a text-only row).
+llava: .json/.jsonl rows with "image" and "conversations" of {"from": human/gpt, "value": ...}; each <image> marker
+  becomes an image item in its place.
+shapes: "a small red circle on a white background." style captions of generated 64x64 images (4 vision tokens each),
+  with a byte-level BPE tokenizer and ChatML template saved next to the data, so Processor.from_pretrained(out_dir)
+  works and a tiny model trained from scratch can learn it on a CPU.
+
+Rows longer than max_seq_len tokens (chat template rendered as Processor.collate renders it, image pads expanded)
+are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary.
+Work runs on all cores, one piece per source shard (tars) or per chunk_size rows; a re-run skips finished pieces.
+
+Layout of out_dir (default data/<dataset>):
+  meta.json            the options it was prepared with (a re-run with other options is refused) and "processor":
+                       "." (shapes: out_dir itself) or the --tokenizer checkpoint (PreparedDataset.processor_dir)
+  done.jsonl           one line per finished piece with its counts; only pieces listed here are part of the dataset;
+                       a piece is one tar shard (NAME = its name) or chunk_size rows (NAME = <file>-<chunk number>)
+  {train,val}/NAME.bin      rows back to back, each a JSON line {"key", "messages", "sizes"} then its image bytes
+                            (PNG for shapes, JPEG quality 95 for photos)
+  {train,val}/NAME.idx.npy  int64 offsets of the rows in NAME.bin (n + 1 of them): O(1) random access
+  tokenizer.json, tokenizer_config.json, chat_template.jinja, preprocessor_config.json   (shapes only)
+Pieces are written under .tmp names and renamed when complete, then listed in done.jsonl, so an interrupted run
+never leaves a half-written piece that counts. Read a split with PreparedDataset(out_dir, 'train').
+"""
+import glob
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+from collections import Counter
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from processor import Processor, load_image
+
+# -----------------------------------------------------------------------------
+dataset = 'shapes'  # shapes | tars | chat | llava
+src = ''  # tars: a directory or glob of .tar shards; chat/llava: a .json/.jsonl file, directory or glob
+image_root = ''  # chat/llava: where relative image paths start ('' = next to the src file)
+tokenizer = ''  # checkpoint dir whose Processor resizes images and counts tokens (shapes makes its own)
+out_dir = ''  # '' = data/<dataset>
+prompt = 'Describe this image.'  # user text of caption rows (tars, shapes): Merlina's default instruction
+max_seq_len = 4096  # longer rows are dropped, as for ArtemisMix
+val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), 0.05 for shapes so its eval has ~200 images
+min_pixels = None  # Processor.resize limits; None = the checkpoint's
+max_pixels = None
+num_samples = 4000  # shapes: how many images
+image_size = 64  # shapes: side in pixels; 64 = 4x4 patches of 16 = 4 merged vision tokens
+seed = 1337  # shapes
+chunk_size = 1000  # rows per piece (chat, llava, shapes)
+num_workers = os.cpu_count()
+if __name__ == '__main__':  # only the command line configures: train.py imports PreparedDataset from here
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, type(None)))}
+# -----------------------------------------------------------------------------
+
+
+class PreparedDataset:
+    """One split of a prepared dataset: ds[i] -> {"messages": [...], "images": [PIL.Image]}, a row for
+    Processor.collate. Rows are numbered in piece-name order, the same on every run and every machine."""
+
+    def __init__(self, dir, split):
+        with open(os.path.join(dir, 'meta.json')) as f:
+            self.meta = json.load(f)
+        p = self.meta['processor']  # '.' (shapes: the dataset carries its own), a checkpoint dir or a hub id
+        self.processor_dir = dir if p == '.' else p
+        names = sorted(n for n, c in read_done(dir).items() if c.get(split))
+        self.bins = [os.path.join(dir, split, n + '.bin') for n in names]
+        self.offsets = [np.load(os.path.join(dir, split, n + '.idx.npy')) for n in names]
+        self.starts = np.cumsum([0] + [len(o) - 1 for o in self.offsets])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        i %= len(self)
+        p = int(np.searchsorted(self.starts, i, 'right')) - 1
+        j = i - self.starts[p]
+        a, b = int(self.offsets[p][j]), int(self.offsets[p][j + 1])
+        with open(self.bins[p], 'rb') as f:  # a fresh handle per read: safe in forked DataLoader workers
+            f.seek(a)
+            head, _, body = f.read(b - a).partition(b'\n')
+        row = json.loads(head)
+        ends = np.cumsum([0] + row['sizes'])
+        images = [load_image(io.BytesIO(body[s:e])) for s, e in zip(ends, ends[1:])]
+        return {'messages': row['messages'], 'images': images}
+
+
+def read_done(dir):
+    path = os.path.join(dir, 'done.jsonl')
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {d['name']: d['counts'] for d in map(json.loads, f)}
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def is_val(key):
+    # sha1, not hash(): Python salts str hashes per process
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], 'big') < val_frac * 2 ** 64
+
+
+def caption_row(caption):
+    return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]},
+            {'role': 'assistant', 'content': caption}]
+
+# --- sources: each yields (key, messages, images) per sample, or a reason string for one it skips. Images may be
+# PIL images, encoded bytes or file paths: decoding happens in work(), where a bad one is counted.
+
+SHAPES = ('circle', 'square', 'triangle', 'cross')
+COLORS = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (30, 70, 220), 'yellow': (240, 200, 20),
+          'purple': (140, 50, 180), 'orange': (250, 130, 20)}
+BACKGROUNDS = {'white': (255, 255, 255), 'black': (0, 0, 0), 'gray': (128, 128, 128)}
+SIZES = {'small': 0.35, 'large': 0.7}  # shape extent as a fraction of the image side: 1.4 vs 2.8 patches at 64 px
+
+
+def shapes(indices):
+    n = image_size
+    for i in indices:
+        r = random.Random(f"{seed}-{i}")
+        shape, color = r.choice(SHAPES), r.choice(list(COLORS))
+        bg, size = r.choice(list(BACKGROUNDS)), r.choice(list(SIZES))
+        s = SIZES[size] * n
+        jitter = min(0.1 * n, (n - s) / 2 - 1)  # move it around a little, never off the canvas
+        x, y = n / 2 + r.uniform(-jitter, jitter), n / 2 + r.uniform(-jitter, jitter)
+        im = Image.new('RGB', (n, n), BACKGROUNDS[bg])
+        draw, fill, h = ImageDraw.Draw(im), COLORS[color], s / 2
+        if shape == 'circle':
+            draw.ellipse((x - h, y - h, x + h, y + h), fill=fill)
+        elif shape == 'square':
+            draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
+        elif shape == 'triangle':
+            draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)
+        else:
+            draw.rectangle((x - h / 3, y - h, x + h / 3, y + h), fill=fill)
+            draw.rectangle((x - h, y - h / 3, x + h, y + h / 3), fill=fill)
+        yield f"shapes-{seed}-{i}", caption_row(f"a {size} {color} {shape} on a {bg} background."), [im]
+
+
+def tar_samples(path):
+    stem = os.path.splitext(os.path.basename(path))[0]
+
+    def sample(key, files):
+        image = next((files[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in files), None)
+        caption = files['txt'].decode('utf-8', 'replace') if 'txt' in files else ''
+        if not caption and 'json' in files:
+            try:
+                caption = json.loads(files['json']).get('caption')
+            except (ValueError, AttributeError):
+                pass
+        if image is None:
+            return 'no image'
+        if not isinstance(caption, str) or not caption.strip():
+            return 'no caption'
+        return f"{stem}/{key}", caption_row(caption.strip()), [image]
+
+    key, files = None, {}
+    with tarfile.open(path, 'r|*') as tf:  # streamed: a sample's files are adjacent in a webdataset shard
+        for m in tf:
+            if not m.isfile():
+                continue
+            d, base = os.path.split(m.name)
+            k, _, ext = base.partition('.')  # webdataset: the key ends at the first dot of the file name
+            if os.path.join(d, k) != key:
+                if files:
+                    yield sample(key, files)
+                key, files = os.path.join(d, k), {}
+            files[ext.lower()] = tf.extractfile(m).read()
+    if files:
+        yield sample(key, files)
+
+
+def llava_messages(row):
+    roles = {'human': 'user', 'gpt': 'assistant', 'system': 'system'}
+    out = []
+    for turn in row['conversations']:
+        role, parts = roles[turn['from']], turn['value'].split('<image>')
+        if role != 'user' and len(parts) == 1:
+            out.append({'role': role, 'content': turn['value']})
+            continue
+        content = []
+        for j, part in enumerate(parts):
+            content += [{'type': 'image'}] if j else []
+            content += [{'type': 'text', 'text': part.strip()}] if part.strip() else []
+        out.append({'role': role, 'content': content})
+    return out
+
+
+def json_rows(payload):
+    stem, start, rows, root = payload
+    for i, row in enumerate(rows, start):
+        try:
+            row = json.loads(row) if isinstance(row, str) else row  # a .jsonl line, parsed here to spread the work
+            messages = llava_messages(row) if dataset == 'llava' else row['messages']
+            messages = json.loads(messages) if isinstance(messages, str) else messages
+            paths = row.get('images', row.get('image'))
+            paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
+            n = sum(c.get('type') == 'image' for m in messages if isinstance(m['content'], list) for c in m['content'])
+            assert n == len(paths), "image items and images differ in number"
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            yield 'bad row'
+            continue
+        yield str(row.get('id', f"{stem}:{i}")), messages, [os.path.join(root, p) for p in paths]
+
+
+SOURCES = {'shapes': shapes, 'tars': tar_samples, 'chat': json_rows, 'llava': json_rows}
+
+
+class Piece:
+    """One split's output of one work unit, appended row by row to a .tmp file and renamed when complete."""
+
+    def __init__(self, split, name):
+        self.path, self.f, self.offsets = os.path.join(out_dir, split, name), None, [0]
+
+    def add(self, blob):
+        self.f = self.f or open(self.path + '.bin.tmp', 'wb')
+        self.f.write(blob)
+        self.offsets.append(self.offsets[-1] + len(blob))
+
+    def close(self, keep=True):
+        if self.f is None:
+            return
+        self.f.close()
+        if not keep:
+            os.remove(self.path + '.bin.tmp')
+            return
+        with open(self.path + '.idx.npy.tmp', 'wb') as f:  # a file object, or np.save appends .npy to the name
+            np.save(f, np.array(self.offsets, dtype=np.int64))
+        os.replace(self.path + '.bin.tmp', self.path + '.bin')
+        os.replace(self.path + '.idx.npy.tmp', self.path + '.idx.npy')
+
+
+def encode(image, fmt):
+    b = io.BytesIO()
+    image.save(b, **fmt)
+    return b.getvalue()
+
+
+def init(cfg, processor_dir):
+    global proc
+    globals().update(cfg)  # the parent's resolved options, whatever the start method of the pool
+    torch.set_num_threads(1)  # one process per core already
+    proc = Processor.from_pretrained(processor_dir, min_pixels, max_pixels)
+
+
+def work(unit):
+    name, payload = unit
+    counts, pieces = Counter(), {s: Piece(s, name) for s in ('train', 'val')}
+    fmt = dict(format='PNG') if dataset == 'shapes' else dict(format='JPEG', quality=95)
+    try:
+        for s in SOURCES[dataset](payload):
+            if isinstance(s, str):
+                counts[s] += 1
+                continue
+            key, messages, images = s
+            try:  # resize takes PIL images and paths
+                images = [proc.resize(load_image(io.BytesIO(x)) if isinstance(x, bytes) else x) for x in images]
+            except Exception:
+                counts['bad image'] += 1
+                continue
+            try:  # the length training will see; a row collate rejects would fail training too
+                n = proc.collate([{'messages': messages, 'images': images}])['input_ids'].shape[1]
+            except Exception:
+                counts['bad row'] += 1
+                continue
+            if n > max_seq_len:
+                counts['too long'] += 1
+                continue
+            blobs = [encode(im, fmt) for im in images]
+            head = json.dumps({'key': key, 'messages': messages, 'sizes': [len(b) for b in blobs]})
+            split = 'val' if is_val(key) else 'train'
+            pieces[split].add(head.encode() + b'\n' + b''.join(blobs))
+            counts[split] += 1
+    except Exception as e:  # the source itself is unreadable (e.g. a truncated tar): leave it for a re-run
+        for p in pieces.values():
+            p.close(keep=False)
+        return name, None, f"{type(e).__name__}: {e}"
+    for p in pieces.values():
+        p.close()
+    return name, dict(counts), None
+
+
+SPECIAL = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<think>', '</think>', '<|vision_start|>', '<|vision_end|>',
+           '<|image_pad|>', '<|video_pad|>']
+CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+          "{%- if m.content is string %}{{- m.content }}{%- else %}{%- for c in m.content %}"
+          "{%- if c.type == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+          "{%- elif c.type == 'text' %}{{- c.text }}{%- endif %}{%- endfor %}{%- endif %}"
+          "{{- '<|im_end|>\\n' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def shapes_processor():
+    """Byte-level BPE trained on every caption, the prompts and the template's words (any other text still encodes,
+    byte by byte), the special tokens the graft reads, and a plain ChatML template: no <think> block to get wrong
+    between training and sampling."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [f"a {z} {c} {s} on a {b} background." for z in SIZES for c in COLORS for s in SHAPES for b in BACKGROUNDS]
+    texts += [prompt, 'Describe this image in detail.', 'system\nuser\nassistant\n']
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Processor(tok, CHATML, {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'},
+                     min_pixels=min_pixels or 32 * 32, max_pixels=max_pixels or image_size ** 2)
+
+
+if __name__ == '__main__':
+    if dataset not in SOURCES:
+        fail(f"--dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
+    if dataset != 'shapes' and not src:
+        what = 'directory or glob of .tar shards' if dataset == 'tars' else '.json/.jsonl file'
+        fail(f"--dataset={dataset} needs --src=<{what}>")
+    if dataset != 'shapes' and not tokenizer:
+        fail(f"--dataset={dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
+    val_frac = (0.05 if dataset == 'shapes' else 0.005) if val_frac is None else val_frac
+    if not isinstance(val_frac, (int, float)) or not 0 <= val_frac < 1:
+        fail(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
+    out_dir = out_dir or os.path.join('data', dataset)
+    cfg = {k: globals()[k] for k in config}
+    settings = {k: v for k, v in cfg.items() if k not in ('out_dir', 'num_workers')}
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):  # resuming: only the same options may add to what is there
+        with open(meta_path) as f:
+            old = json.load(f)['config']
+        diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+        if diff:
+            fail(f"{out_dir} was prepared with other options "
+                 f"({', '.join(f'{k}: {old.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
+                 "give another --out_dir or delete it")
+
+    if dataset == 'shapes':
+        processor = '.'
+        units = [(f"shapes-{a // chunk_size:05d}", range(a, min(a + chunk_size, num_samples)))
+                 for a in range(0, num_samples, chunk_size)]
+    else:
+        processor = os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer  # a dir, or a hub id
+        try:
+            Processor.from_pretrained(processor, min_pixels, max_pixels)
+        except Exception as e:
+            fail(f"--tokenizer={tokenizer}: {e}")
+        exts = ('.tar',) if dataset == 'tars' else ('.json', '.jsonl')
+        files = sorted(glob.glob(os.path.join(src, '*') if os.path.isdir(src) else src))
+        files = [f for f in files if f.endswith(exts)]
+        if not files:
+            fail(f"--src={src} matches no {'/'.join(exts)} files")
+        units = []
+        for f in files:
+            stem = os.path.splitext(os.path.basename(f))[0]
+            if dataset == 'tars':
+                units.append((stem, f))
+                continue
+            try:
+                with open(f) as fh:
+                    rows = [line for line in fh if line.strip()] if f.endswith('.jsonl') else json.load(fh)
+                assert isinstance(rows, list), "not a JSON list of rows"
+            except (OSError, ValueError, AssertionError) as e:
+                fail(f"--src: cannot read {f}: {e}")
+            root = image_root or os.path.dirname(os.path.abspath(f))
+            units += [(f"{stem}-{a // chunk_size:05d}", (stem, a, rows[a:a + chunk_size], root))
+                      for a in range(0, len(rows), chunk_size)]
+        if len({name for name, _ in units}) < len(units):
+            fail("--src: two source files share a name, and pieces are named after their source")
+
+    for split in ('train', 'val'):
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+    if not os.path.exists(meta_path):
+        with open(meta_path, 'w') as f:
+            json.dump({'config': settings, 'processor': processor}, f, indent=1)
+    if processor == '.' and not os.path.exists(os.path.join(out_dir, 'tokenizer.json')):
+        shapes_processor().save_pretrained(out_dir)
+    done = read_done(out_dir)
+    todo = [u for u in units if u[0] not in done]
+    failed = 0
+    if todo:
+        proc_dir = out_dir if processor == '.' else processor
+        with Pool(min(num_workers, len(todo)), init, (cfg, proc_dir)) as pool, \
+                open(os.path.join(out_dir, 'done.jsonl'), 'a') as log:
+            for name, counts, err in tqdm(pool.imap_unordered(work, todo), total=len(todo), desc=dataset, unit='piece'):
+                if err:
+                    failed += 1
+                    tqdm.write(f"warning: {name} left undone: {err}", file=sys.stderr)
+                    continue
+                log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
+                log.flush()
+    total = sum(map(Counter, read_done(out_dir).values()), Counter())
+    skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in ('train', 'val'))
+    print(f"{out_dir}: {total['train']} train + {total['val']} val rows; skipped: {skipped or 'none'}"
+          + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units) else '')
+          + (f"; {failed} unreadable sources left undone (re-run to retry)" if failed else ''))

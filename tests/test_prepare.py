@@ -1,0 +1,235 @@
+"""prepare.py the way people run it: `python prepare.py --dataset=... --out_dir=...` in a subprocess, then the result
+read back through PreparedDataset and Processor.collate. Fixtures (tar shards, JSON rows, images) are made here."""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from prepare import PreparedDataset  # noqa: E402  (importing must not read pytest's command line as options)
+from processor import Processor, smart_resize  # noqa: E402
+
+
+def prepare(cwd, *args):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--num_workers=2", *args],
+                       cwd=cwd, capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout.strip(), p.stderr
+
+
+def ok(cwd, *args):
+    rc, out, err = prepare(cwd, *args)
+    assert rc == 0, err
+    return out  # the summary line
+
+
+def captions(ds):
+    return sorted(ds[i]["messages"][-1]["content"] for i in range(len(ds)))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A small shapes dataset; its processor doubles as the --tokenizer checkpoint for the other datasets."""
+    d = tmp_path_factory.mktemp("shapes")
+    summary = ok(d, "--dataset=shapes", "--num_samples=60", "--chunk_size=25", "--val_frac=0.2", "--out_dir=out")
+    return d / "out", summary
+
+
+def test_shapes_dataset(shapes, tmp_path):
+    out, summary = shapes
+    assert summary.startswith(f"out: ") and "skipped: none" in summary
+    train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
+    assert len(train) + len(val) == 60 and 0 < len(val) < 30
+    assert os.path.samefile(train.processor_dir, out)
+    proc = Processor.from_pretrained(train.processor_dir)
+    tok = proc.tokenizer
+    for t in ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+              "<think>", "</think>", "<|endoftext|>"]:
+        assert tok.encode(t, add_special_tokens=False).ids == [tok.token_to_id(t)], t
+    assert tok.get_vocab_size() < 1024 and proc.stop_ids == [tok.token_to_id("<|im_end|>")]
+    assert proc.pad_id == tok.token_to_id("<|endoftext|>")
+    text = "Any text, even ünïcode ✓, still encodes."
+    assert tok.decode(tok.encode(text).ids) == text
+    row = train[0]
+    assert set(row) == {"messages", "images"} and row["images"][0].size == (64, 64)
+    assert row["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe this image."}]
+    words = row["messages"][1]["content"].split()
+    assert words[0] == "a" and words[-3:-1] == ["a", words[-2]] and words[-1] == "background."
+    batch = proc.collate([train[i] for i in range(4)] + [val[0]])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 5  # 4 merged vision tokens per image
+    assert ((batch["input_ids"] == proc.image_token_id).sum(1) == 4).all()
+    # the target is the caption (one token per word) and the end of turn
+    ids = batch["input_ids"][0][batch["labels"][0] != -100]
+    assert proc.decode(ids).strip() == row["messages"][1]["content"]
+    assert len(ids) <= len(words) + 3
+
+    # the same seed gives the same data, however the work is split among processes
+    again = ok(tmp_path, "--dataset=shapes", "--num_samples=60", "--chunk_size=25", "--val_frac=0.2",
+               "--out_dir=out", "--num_workers=1")
+    assert again.split(";")[0] == summary.split(";")[0]
+    for split in ("train", "val"):
+        for f in sorted(os.listdir(out / split)):
+            assert (out / split / f).read_bytes() == (tmp_path / "out" / split / f).read_bytes(), f
+
+
+def jpeg(color, size=(96, 64)):
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, format="JPEG")
+    return b.getvalue()
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    big = jpeg((0, 0, 255), (1000, 700))
+    png = io.BytesIO()
+    Image.new("RGBA", (40, 80), (0, 255, 0, 128)).save(png, format="PNG")
+    write_tar(src / "000.tar", [
+        ("000/good.jpg", jpeg((255, 0, 0))), ("000/good.txt", b"a red picture"),
+        ("000/corrupt.jpg", b"\xff\xd8\xff not really a jpeg"), ("000/corrupt.txt", b"never seen"),
+        ("000/nocaption.jpg", jpeg((0, 255, 0))),
+        ("000/truncated.jpg", big[:len(big) // 2]), ("000/truncated.txt", b"cut short"),
+        ("000/meta.png", png.getvalue()), ("000/meta.json", json.dumps({"caption": "a caption from json",
+                                                                         "url": "http://x"}).encode()),
+    ])
+    write_tar(src / "001.tar", [("big.jpg", big), ("big.txt", b"  a big blue picture\n"),
+                                ("empty.jpg", jpeg((9, 9, 9))), ("empty.txt", b"   ")])
+    return src
+
+
+def is_val(key, frac):  # the documented rule: sha1 of the sample key, "<shard>/<key>" for tars
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") < frac * 2 ** 64
+
+
+def test_tars(shapes, shards, tmp_path):
+    tok = shapes[0]
+    data = (shards / "001.tar").read_bytes()
+    (shards / "002.tar").write_bytes(data[:len(data) // 3])  # a shard cut short, as by an interrupted download
+    args = ["--dataset=tars", f"--src={shards}", f"--tokenizer={tok}", "--out_dir=out", "--val_frac=0.5"]
+    rc, summary, err = prepare(tmp_path, *args)
+    assert rc == 0 and "002" in err  # never fatal: reported, and left for a re-run
+    assert "2 bad image" in summary and "2 no caption" in summary, summary
+    assert "1 unreadable sources left undone" in summary
+    out = tmp_path / "out"
+    train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
+    assert sorted(captions(train) + captions(val)) == [
+        "a big blue picture", "a caption from json", "a red picture"]
+    keys = {"a red picture": "000/000/good", "a caption from json": "000/000/meta", "a big blue picture": "001/big"}
+    assert captions(val) == sorted(c for c, k in keys.items() if is_val(k, 0.5))
+    assert os.path.samefile(train.processor_dir, tok)
+    proc = Processor.from_pretrained(train.processor_dir)
+    rows = [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
+    for row in rows:
+        assert row["messages"][0]["content"][1]["text"] == "Describe this image."
+        im = row["images"][0]
+        assert im.mode == "RGB" and im.size == proc.resize(im).size  # stored already resized
+    big = next(r for r in rows if r["messages"][1]["content"] == "a big blue picture")
+    h, w = smart_resize(700, 1000, 32, proc.min_pixels, proc.max_pixels)
+    assert big["images"][0].size == (w, h)
+    assert proc.collate(rows)["input_ids"].shape[0] == 3
+    assert [p.name for p in (out / "train").iterdir() if p.name.startswith("002")] == []
+    before = (captions(train), captions(val))
+
+    # an interrupted run: a piece on disk but not recorded, and a stray .tmp -- redone once, never duplicated
+    done = (out / "done.jsonl").read_text().splitlines()
+    (out / "done.jsonl").write_text(done[0] + "\n")
+    (out / "train" / "zzz.bin.tmp").write_bytes(b"half a piece")
+    again = ok(tmp_path, *args)
+    assert "1 of 3 pieces were already done" in again and "1 unreadable" in again
+    assert (captions(PreparedDataset(out, "train")), captions(PreparedDataset(out, "val"))) == before
+    # the shard downloaded again in full: only it is processed
+    write_tar(shards / "002.tar", [("x.jpg", jpeg((1, 2, 3))), ("x.txt", b"a new one")])
+    again = ok(tmp_path, *args)
+    assert "2 of 3 pieces were already done" in again and "unreadable" not in again
+    assert len(PreparedDataset(out, "train")) + len(PreparedDataset(out, "val")) == 4
+    # other options on the same out_dir are refused, not mixed in
+    rc, _, err = prepare(tmp_path, *args, "--prompt=Caption this.")
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "prompt" in errors[0] and "Caption this." in errors[0]
+
+
+def test_llava_and_chat(shapes, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "imgs" / "r.png")
+    Image.new("RGB", (32, 64), "blue").save(tmp_path / "imgs" / "b.png")
+    long = "word " * 300
+    llava = [
+        {"id": "first", "image": "r.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "after", "image": "b.png", "conversations": [
+            {"from": "human", "value": "Look at this: <image>"}, {"from": "gpt", "value": "Blue."}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "long", "conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "ok"}]},
+        {"id": "missing", "image": "nope.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}]},
+        {"id": "twomarkers", "image": "r.png", "conversations": [
+            {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "?"}]},
+        {"id": "broken"},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    summary = ok(tmp_path, "--dataset=llava", "--src=llava.json", f"--image_root={tmp_path / 'imgs'}",
+                 f"--tokenizer={shapes[0]}", "--out_dir=llava", "--max_seq_len=200", "--val_frac=0", "--chunk_size=3")
+    assert "3 train + 0 val" in summary and "1 too long" in summary and "1 bad image" in summary
+    assert "2 bad row" in summary
+    ds = PreparedDataset(tmp_path / "llava", "train")
+    rows = {ds[i]["messages"][1]["content"]: ds[i] for i in range(len(ds))}
+    assert rows["Red."]["messages"] == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": [{"type": "text", "text": "Sure?"}]}, {"role": "assistant", "content": "Yes."}]
+    assert rows["Red."]["images"][0].size == (64, 32)
+    assert rows["Blue."]["messages"][0]["content"] == [{"type": "text", "text": "Look at this:"}, {"type": "image"}]
+    assert rows["Hello."]["images"] == []  # a text-only row
+
+    chat = [
+        {"messages": json.dumps([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
+                                 {"role": "assistant", "content": "Red."}]), "image": "imgs/r.png"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}], "image": None},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+                      {"role": "assistant", "content": "Two."}], "images": ["imgs/r.png", "imgs/b.png"]},
+        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}], "image": None},
+        {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "?"}]},
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(map(json.dumps, chat)) + "\n{not json\n")
+    summary = ok(tmp_path, "--dataset=chat", "--src=chat.jsonl", f"--tokenizer={shapes[0]}", "--out_dir=chat",
+                 "--max_seq_len=200", "--val_frac=0")
+    assert "3 train + 0 val" in summary and "1 too long" in summary and "2 bad row" in summary, summary
+    ds = PreparedDataset(tmp_path / "chat", "train")
+    rows = {ds[i]["messages"][-1]["content"]: ds[i] for i in range(len(ds))}
+    assert rows["Red."]["messages"][0]["content"][1] == {"type": "text", "text": "Color?"}
+    assert rows["Hello."]["images"] == []
+    assert rows["Hello."]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert [im.size for im in rows["Two."]["images"]] == [(64, 32), (32, 64)]
+    proc = Processor.from_pretrained(ds.processor_dir)
+    batch = proc.collate(list(rows.values()))
+    assert batch["image_grid_thw"].shape[0] == 3 and batch["input_ids"].shape[1] <= 200
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--dataset=coco"], ["--dataset", "shapes, tars, chat, llava", "coco"]),
+    (["--dataset=tars", "--tokenizer=x"], ["--src"]),
+    (["--dataset=chat", "--src=x.jsonl", "--tokenizer=missing_dir"], ["--tokenizer", "missing_dir"]),
+])
+def test_bad_arguments(tmp_path, args, words):
+    rc, out, err = prepare(tmp_path, *args)
+    line = err.strip().splitlines()[-1]
+    assert rc == 2 and out == "" and "Traceback" not in err and line.startswith("error:")
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "data").exists()
