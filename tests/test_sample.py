@@ -1,0 +1,165 @@
+"""sample.py end to end as a newcomer runs it: a subprocess on tiny checkpoints built here (random weights, a byte-level
+tokenizer), checking the streamed text, the stderr summary and the one-line errors."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from model import ArtemisConfig, ArtemisVLM, TextConfig
+from processor import Processor
+from vision import VisionConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "sample.py")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+CTX = 128  # max_position_embeddings: a text-only prompt is ~60 tokens, an image adds 4 to 6
+SUMMARY = re.compile(r"^(\d+) prompt tokens \((\d+) image\), (\d+) new tokens, time to first token [\d.]+ s, "
+                     r"decode [\d.]+ tokens/s$", re.M)
+
+
+def tokenizer():
+    # byte-level BPE without merges: one token per byte, plus the chat and vision tokens (<think> is not special,
+    # as in Qwen3, so a thinking answer shows it)
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in ("<think>", "</think>")])
+    return tok
+
+
+def checkpoint(path, scripted=False):
+    """A tiny random graft with its processor. scripted: the decoder's next token depends only on the current one
+    and answers '\\n' -> <|vision_start|> -> 'H' -> 'i' -> <|im_end|>, so the expected output is exactly 'Hi'."""
+    tok = tokenizer()
+    tid = tok.token_to_id
+    torch.manual_seed(0)
+    text = TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=None, max_position_embeddings=CTX,
+                      bos_token_id=None, eos_token_id=tid("<|endoftext|>"))
+    vision = VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                          num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=16, spatial_merge_size=2)
+    model = ArtemisVLM(ArtemisConfig(text, vision, tid("<|image_pad|>"), tid("<|video_pad|>")))
+    if scripted:
+        lm = model.language_model
+        with torch.no_grad():
+            for layer in lm.model.layers:  # layers add nothing to the residual: logits = lm_head(norm(embedding))
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            lm.lm_head.weight.zero_()
+            chain = [tid("Ċ"), tid("<|vision_start|>"), tid("H"), tid("i"), tid("<|im_end|>")]
+            for k, (a, b) in enumerate(zip(chain, chain[1:])):
+                lm.model.embed_tokens.weight[a] = torch.eye(32)[k]
+                lm.lm_head.weight[b, k] = 10.0
+    model.save_pretrained(str(path))
+    Processor(tok, special_tokens={"eos_token": "<|endoftext|>"}, max_pixels=128 * 128).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "a.png")  # 4x4 patches: 4 image tokens
+    Image.radial_gradient("L").resize((96, 64)).save(d / "b.png")  # 6x4 patches: 6 image tokens
+    (d / "bad.png").write_bytes(b"not a png")
+    return dict(dir=d, a=str(d / "a.png"), b=str(d / "b.png"), bad=str(d / "bad.png"),
+                scripted=checkpoint(d / "scripted", scripted=True), random=checkpoint(d / "random"))
+
+
+def run(*args, cwd=REPO):
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")  # the answer may hold any character
+    return subprocess.run([sys.executable, SAMPLE, "--device=cpu", "--max_new_tokens=16", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def summary(r):
+    assert r.returncode == 0, r.stderr
+    m = SUMMARY.findall(r.stderr)
+    assert len(m) == 1, r.stderr
+    return tuple(int(x) for x in m[0])
+
+
+def one_error(r):
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("overriding:")]  # configurator's echo
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and r.stdout == ""
+    return lines[0]
+
+
+def test_one_image_streams_answer_without_special_tokens(files):
+    r = run(f"--init_from={files['scripted']}", f"--image={files['a']}")
+    assert r.stdout == "Hi\n"  # <|vision_start|> hidden, stopped at <|im_end|> well before 16 tokens
+    prompt, n_img, n_new = summary(r)
+    assert n_img == 4 and prompt > n_img and n_new == 4
+
+
+def test_text_only(files):
+    r = run(f"--init_from={files['scripted']}", "--prompt=Hello", "--system=Be brief.", "--temperature=1.0")
+    assert r.stdout == "Hi\n"
+    assert summary(r)[1] == 0
+
+
+def test_two_images_greedy_matches_generate(files):
+    """The streaming loop is model.generate for one row: same tokens, shown as decode(skip_special_tokens) shows them,
+    and run twice at temperature 0 the same text."""
+    args = (f"--init_from={files['random']}", f"--image={files['a']},{files['b']}", "--prompt=Compare.",
+            "--temperature=0")
+    r1, r2 = run(*args), run(*args)
+    assert summary(r1)[1] == 10 and r1.stdout == r2.stdout
+    model, proc = ArtemisVLM.from_pretrained(files["random"]), Processor.from_pretrained(files["random"])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}]
+    inputs = proc(proc.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False),
+                  images=[files["a"], files["b"]])
+    out = model.generate(inputs["input_ids"], 16, temperature=0, pixel_values=inputs["pixel_values"],
+                         image_grid_thw=inputs["image_grid_thw"], stop_ids=proc.stop_ids)
+    expected = proc.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert expected and r1.stdout == expected + "\n"
+
+
+def test_default_model_is_the_shapes_demo(files, tmp_path):
+    msg = one_error(run(cwd=tmp_path))
+    assert "python prepare.py --dataset=shapes && python train.py config/shapes.py" in msg and "--init_from" in msg
+    shutil.copytree(files["scripted"], tmp_path / "out-shapes" / "ckpt")  # a training out_dir
+    assert run(f"--image={files['a']}", cwd=tmp_path).stdout == "Hi\n"
+
+
+def bad_dirs(d):
+    (d / "empty").mkdir(exist_ok=True)
+    (d / "llama").mkdir(exist_ok=True)
+    (d / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    if not (d / "notok").exists():
+        shutil.copytree(d / "scripted", d / "notok")
+        os.remove(d / "notok" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--image={dir}/missing.jpg"], ["--image", "missing.jpg"]),
+    (["--image={a},{bad}"], ["--image", "bad.png", "image"]),
+    (["--init_from={dir}/empty"], ["--init_from", "empty/config.json"]),
+    (["--init_from={dir}/llama"], ["--init_from", "artemis_vlm"]),
+    (["--init_from={dir}/notok"], ["--init_from", "tokenizer.json"]),
+    (["--tempreature=0"], ["tempreature", "temperature"]),
+    (["--prompt=" + "x" * 200, "--max_new_tokens=1"], ["context of 128", "max_position_embeddings"]),
+    (["--image={a}", "--max_new_tokens=100"], ["--max_new_tokens=100", "context of 128"]),
+], ids=["missing-image", "unreadable-image", "no-config", "not-artemis", "no-tokenizer", "unknown-option",
+        "long-prompt", "long-answer"])
+def test_one_line_errors(files, args, expect):
+    bad_dirs(files["dir"])
+    args = [a.format(dir=files["dir"], a=files["a"], bad=files["bad"]) for a in args]
+    msg = one_error(run(f"--init_from={files['scripted']}", *args))
+    assert all(e in msg for e in expect), msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_absent(files):
+    msg = one_error(run(f"--init_from={files['scripted']}", "--device=cuda"))
+    assert "--device=cuda" in msg and "CUDA" in msg
