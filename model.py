@@ -287,12 +287,14 @@ class ArtemisVLM(nn.Module):
 
     def set_training_stage(self, stage, vision_top_n=0):
         """artemis-vlm's recipe: stage1 trains the projector; stage2 adds the decoder; the vision tower stays
-        frozen but for its top `vision_top_n` blocks. Returns (n_trainable, n_total) parameters."""
+        frozen but for its top `vision_top_n` blocks (all of it when that covers every block). Returns (n_trainable, n_total) parameters."""
         if stage not in ("stage1", "stage2"):
             raise ValueError(f"stage {stage!r}: expected 'stage1' or 'stage2'")
         self.visual.requires_grad_(False)
         self.language_model.requires_grad_(stage == "stage2")
         self.multi_modal_projector.requires_grad_(True)
+        if vision_top_n >= len(self.visual.blocks):  # every block: the patch embedding and merger too
+            self.visual.requires_grad_(True)
         for block in self.visual.blocks[len(self.visual.blocks) - vision_top_n:] if vision_top_n else []:
             block.requires_grad_(True)
         params = list(self.parameters())
@@ -428,11 +430,12 @@ class ArtemisVLM(nn.Module):
         self.language_model.tie_weights()  # assign=True replaced the tied Parameter: share it again
         return self
 
-    def save_pretrained(self, path, max_shard_size=5 * 2**30, write_extra=None):
+    def save_pretrained(self, path, max_shard_size=5 * 2**30, write_extra=None, state_dict=None):
         """config.json + safetensors in the artemis-vlm layout, sharded above max_shard_size bytes with an index.
         Written into `path.tmp` and renamed over `path`, so an interrupted save never leaves a checkpoint that
-        looks complete. write_extra(tmp_dir) adds files (tokenizer, resume state) inside the same swap."""
-        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        looks complete. write_extra(tmp_dir) adds files (tokenizer, resume state) inside the same swap;
+        state_dict replaces self.state_dict() (a gathered FSDP one)."""
+        sd = {k: v.detach().contiguous() for k, v in (state_dict or self.state_dict()).items()}
         if self.config.text.tie_word_embeddings:
             sd.pop("language_model.lm_head.weight")  # transformers re-ties it from embed_tokens
         shards, size = [{}], 0

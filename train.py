@@ -1,0 +1,365 @@
+"""
+Train the Artemis graft, both stages, in one loop that reads top to bottom (after nanoGPT's train.py).
+
+    python train.py config/shapes.py                      # the CPU demo (after python prepare.py --dataset=shapes)
+    python train.py config/stage1.py                      # A2 + Qwen3-VL-2B vision: projector alignment (A3 recipe)
+    torchrun --standalone --nproc_per_node=8 train.py config/stage2.py   # multimodal instruction tuning
+
+stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the
+vision tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters
+get optimizer state. Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py, artemis-vlm and
+transformers load them) with the tokenizer and `train_state.pt`, the resume state: optimizer, step, RNG. The data
+order is a fixed function of seed and step, so the step is the data position.
+"""
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import ArtemisConfig, ArtemisVLM, TextConfig
+from prepare import PreparedDataset
+from processor import Processor
+from vision import VisionConfig
+
+# -----------------------------------------------------------------------------
+# default config values: Stage-1 of A2 + Qwen3-VL-2B on BLIP3o, as config/stage1.py
+out_dir = "out"
+eval_interval = 500
+log_interval = 10
+eval_iters = 40  # held-out batches per eval
+eval_only = False
+always_save_checkpoint = True  # else only when the held-out loss improves
+init_from = "parts"  # 'parts' | 'pretrained' | 'resume' | 'scratch'
+text_model = "schneewolflabs/A2"  # parts: any Mistral-family checkpoint
+vision_model = "Qwen/Qwen3-VL-2B-Instruct"  # parts: its model.visual.* tensors
+pretrained = "schneewolflabs/A3"  # pretrained: an artemis checkpoint
+image_token_id = 22  # parts: <|image_pad|> in the decoder's vocabulary
+# data
+dataset = "data/blip3o"  # a directory written by prepare.py
+batch_size = 2  # per process, per micro-step
+gradient_accumulation_steps = 16  # global: divided between the processes
+num_workers = 2  # data loader processes: decode and preprocess off the training step's critical path
+# model shapes, for init_from='scratch' only (the vocabulary comes from the dataset's tokenizer)
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+n_embd = 128
+head_dim = 32
+intermediate_size = 384
+vision_depth = 2
+vision_hidden = 64
+vision_heads = 2
+vision_out = 128
+# what trains
+stage = "stage1"  # 'stage1': projector; 'stage2': projector + decoder
+vision_top_n = 0  # open the top N vision blocks
+gradient_checkpointing = False  # recompute decoder layers in the backward pass
+# AdamW: one learning rate per part, warmup then cosine to min_lr_frac
+learning_rate = 1e-3  # projector
+decoder_lr = 2e-5
+vision_lr = 2e-6
+max_iters = 0  # 0: one epoch of the train split
+warmup_frac = 0.05
+min_lr_frac = 0.0
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0  # 0: off
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns it off
+compile = False
+fsdp = False  # multi-GPU: shard decoder layers with FSDP2 instead of replicating with DDP
+seed = 1337
+peak_flops = 989e12  # per GPU, for MFU: H100 SXM dense bf16
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world:
+        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
+                         f"the {world} processes, so the global batch stays the same")
+else:
+    rank, world = 0, 1
+master = rank == 0
+accum = gradient_accumulation_steps // world  # micro-steps per process and optimizer step
+global_batch = batch_size * gradient_accumulation_steps
+torch.manual_seed(seed)
+random.seed(seed)
+np.random.seed(seed)
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+ckpt_dir = os.path.join(out_dir, "ckpt")
+
+# model and processor -------------------------------------------------------------------------------------------
+# Frozen weights are kept in the autocast dtype (a 12B decoder in fp32 would not fit); trainable ones in fp32,
+# the optimizer's master copy.
+frozen_dtype = ptdtype
+state = None
+if init_from == "resume":
+    state = torch.load(os.path.join(ckpt_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+    model = ArtemisVLM.from_pretrained(ckpt_dir, dtype=frozen_dtype, device=device)
+    processor = Processor.from_pretrained(ckpt_dir)
+elif init_from == "pretrained":
+    model = ArtemisVLM.from_pretrained(pretrained, dtype=frozen_dtype, device=device)
+    processor = Processor.from_pretrained(pretrained)
+elif init_from == "parts":
+    model = ArtemisVLM.from_parts(text_model, vision_model, image_token_id, dtype=frozen_dtype, device=device,
+                                  seed=seed)
+    processor = Processor.from_pretrained(text_model)  # the decoder's tokenizer and chat template
+elif init_from == "scratch":
+    processor = Processor.from_pretrained(dataset)
+    vocab = processor.tokenizer.get_vocab_size()
+    text = TextConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=intermediate_size,
+                      num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                      head_dim=head_dim, sliding_window=None, max_position_embeddings=4096,
+                      bos_token_id=None, eos_token_id=processor.stop_ids[0], pad_token_id=processor.pad_id)
+    vision = VisionConfig(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                          num_heads=vision_heads, out_hidden_size=vision_out, num_position_embeddings=64,
+                          patch_size=processor.patch_size, spatial_merge_size=processor.merge_size,
+                          temporal_patch_size=processor.temporal_patch_size, deepstack_visual_indexes=[])
+    model = ArtemisVLM(ArtemisConfig(text, vision, processor.image_token_id)).to(device)
+    for name, p in model.named_parameters():  # transformers' init: normal(0, 0.02), zero biases, unit norms
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+        elif "norm" not in name:
+            torch.nn.init.zeros_(p)
+else:
+    raise SystemExit(f"error: init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
+if processor.image_token_id != model.config.image_token_id:
+    raise SystemExit(f"error: the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
+                     f"image_token_id is {model.config.image_token_id}")
+n_trainable, n_total = model.set_training_stage(stage, vision_top_n)
+for p in model.parameters():
+    if p.requires_grad:
+        p.data = p.data.float()
+model.language_model.gradient_checkpointing = gradient_checkpointing
+if master:
+    print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters")
+
+# optimizer: one group per part, decay on matrices only --------------------------------------------------------
+parts = {"projector": (model.multi_modal_projector, learning_rate), "decoder": (model.language_model, decoder_lr),
+         "vision": (model.visual, vision_lr)}
+groups = []
+for name, (module, lr) in parts.items():
+    ps = [p for p in module.parameters() if p.requires_grad]
+    for decay in (True, False):
+        sel = [p for p in ps if (p.dim() >= 2) == decay]
+        if sel:
+            groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
+optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
+
+# wrap for the step: the raw module stays `model`, for saving and eval -------------------------------------------
+if fsdp:
+    from torch.distributed.fsdp import fully_shard  # FSDP2: parameters become DTensors sharded over the processes
+    for layer in model.language_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    train_model = torch.compile(model) if compile else model
+else:
+    train_model = torch.compile(model) if compile else model
+    if ddp:  # find_unused_parameters: a micro-batch of text-only rows leaves the vision side without gradients
+        train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None,
+                          find_unused_parameters=True)
+
+# data -------------------------------------------------------------------------------------------------------------
+train_ds, val_ds = PreparedDataset(dataset, "train"), PreparedDataset(dataset, "val")
+steps_per_epoch = len(train_ds) // global_batch
+max_iters = max_iters or steps_per_epoch
+if steps_per_epoch == 0:
+    raise SystemExit(f"error: {dataset} has {len(train_ds)} training rows, fewer than one global batch "
+                     f"({global_batch} = batch_size x gradient_accumulation_steps)")
+warmup_iters = int(warmup_frac * max_iters)
+
+
+def train_batches(start_iter):
+    """This process's micro-batches from optimizer step `start_iter` on. Step s of epoch e takes rows
+    perm_e[s*G:(s+1)*G] (G the global batch), so any world size sees the same rows per step."""
+    it = start_iter
+    while True:
+        epoch, s = divmod(it, steps_per_epoch)
+        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        rows = perm[s * global_batch:(s + 1) * global_batch]
+        for m in range(accum):
+            chunk = rank * accum + m
+            yield rows[chunk * batch_size:(chunk + 1) * batch_size]
+        it += 1
+
+
+def loader(ds, batches):
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=processor.collate,
+                                       num_workers=num_workers, pin_memory=device_type == "cuda",
+                                       persistent_workers=False)
+
+
+def to_device(batch):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward(m, batch):
+    with autocast:
+        _, loss = m(batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"),
+                    labels=batch["labels"], attention_mask=batch["attention_mask"])
+    return loss
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over the first eval_iters batches of the held-out split, split between the processes."""
+    model.eval()
+    n = min(eval_iters * batch_size, len(val_ds))
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(rank * batch_size, n, world * batch_size)]
+    total = torch.zeros(2, device=device)
+    for batch in loader(val_ds, batches):
+        total += torch.stack([forward(model, to_device(batch)).float(), torch.ones((), device=device)])
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item() if total[1] else float("nan")
+
+
+def get_lr(it):
+    """Multiplier of each group's base lr: linear warmup, then cosine down to min_lr_frac at max_iters."""
+    if it < warmup_iters:
+        return (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def flops_per_token(T):
+    """Decoder FLOPs per trained token: 2N forward and 2N to carry gradients back to the image embeddings, plus
+    2N for the weight gradients of the trainable decoder parameters only (stage2)."""
+    c = model.config.text
+    n = sum(p.numel() for p in model.language_model.parameters())
+    n -= model.language_model.model.embed_tokens.weight.numel()  # a lookup, not a matmul
+    n_train = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
+    return 4 * n + 2 * n_train + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+
+
+def save_checkpoint():
+    """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once."""
+    sd = model.state_dict()
+    if fsdp:  # gather the sharded DTensors: every process takes part, process 0 writes
+        sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+    opt = optimizer.state_dict() if not fsdp else None  # FSDP resume would need torch.distributed.checkpoint
+    global saved_at
+    saved_at = iter_num
+    if not master:
+        return
+    resume = {"iter_num": iter_num, "best_val_loss": best_val_loss, "optimizer": opt, "config": config,
+              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                      "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}}
+
+    def extra(d):
+        processor.save_pretrained(d)
+        torch.save(resume, os.path.join(d, "train_state.pt"))
+
+    model.save_pretrained(ckpt_dir, write_extra=extra, state_dict=sd)
+    print(f"saved checkpoint to {ckpt_dir} at iter {iter_num}")
+
+
+iter_num, best_val_loss, saved_at = 0, float("inf"), None
+if state is not None:
+    iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    state = None
+
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True  # finish the step in flight, save, exit
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+
+
+def log(**row):
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+
+
+# training loop -----------------------------------------------------------------------------------------------------
+batches = iter(loader(train_ds, train_batches(iter_num)))
+batch = to_device(next(batches))
+t0 = time.time()
+while True:
+    lr_mult = get_lr(iter_num)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * lr_mult
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        val_loss = estimate_loss()
+        if master:
+            print(f"iter {iter_num}: val loss {val_loss:.4f}")
+            log(iter=iter_num, val_loss=val_loss)
+        if iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, val_loss)
+            save_checkpoint()
+    if stop_requested and saved_at != iter_num:
+        save_checkpoint()
+    if eval_only or iter_num >= max_iters or stop_requested:
+        break
+
+    losses, n_tokens, n_samples = torch.zeros((), device=device), 0, 0
+    for micro in range(accum):
+        if ddp and not fsdp:  # all-reduce gradients on the last micro-step only
+            train_model.require_backward_grad_sync = micro == accum - 1
+        loss = forward(train_model, batch) / accum
+        n_tokens += int(batch["attention_mask"].sum())
+        n_samples += batch["input_ids"].shape[0]
+        batch = to_device(next(batches))  # the loader workers prepared it while the GPU worked
+        loss.backward()
+        losses += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    if iter_num % log_interval == 0:
+        if ddp:
+            dist.all_reduce(losses)
+            losses /= world
+        loss_val = losses.item()  # a sync point: only on log steps
+        dt = time.time() - t0
+        t0 = time.time()
+        n = log_interval if iter_num else 1
+        tok_s = n_tokens * world * n / dt
+        mfu = flops_per_token(batch["input_ids"].shape[1]) * tok_s / (peak_flops * world) if device_type == "cuda" else None
+        if master:
+            print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, {dt * 1000 / n:.0f} ms/iter, "
+                  f"{n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu
+                                                                                       is not None else ""))
+            log(iter=iter_num, loss=loss_val, lr=lr_mult * learning_rate, ms=dt * 1000 / n, tok_s=tok_s, mfu=mfu)
+    iter_num += 1
+
+if ddp:
+    dist.destroy_process_group()
