@@ -137,7 +137,7 @@ SHAPES = ('circle', 'square', 'triangle', 'cross')
 COLORS = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (30, 70, 220), 'yellow': (240, 200, 20),
           'purple': (140, 50, 180), 'orange': (250, 130, 20)}
 BACKGROUNDS = {'white': (255, 255, 255), 'black': (0, 0, 0), 'gray': (128, 128, 128)}
-SIZES = {'small': 0.35, 'large': 0.7}  # shape extent as a fraction of the image side: 1.4 vs 2.8 patches at 64 px
+SIZES = {'small': 0.5, 'large': 0.9}  # extent / image side; smaller shapes were much harder for a tiny ViT to tell apart
 
 
 def shapes(indices):

@@ -37,7 +37,8 @@ def test_defaults_untouched(tmp_path):
     out = ok(tmp_path)
     assert out["batch_size"] == 4 and out["compile"] is True and out["init_from"] is None
     # the configurator leaves nothing of its own behind in the caller's globals
-    assert out["names"] == sorted(["batch_size", "learning_rate", "compile", "dataset", "init_from", "betas", "json", "os"])
+    names = ["batch_size", "learning_rate", "compile", "dataset", "init_from", "betas", "json", "os"]
+    assert out["names"] == sorted(names)
 
 
 def test_both_argument_forms(tmp_path):
