@@ -287,7 +287,8 @@ class ArtemisVLM(nn.Module):
 
     def set_training_stage(self, stage, vision_top_n=0):
         """artemis-vlm's recipe: stage1 trains the projector; stage2 adds the decoder; the vision tower stays
-        frozen but for its top `vision_top_n` blocks (all of it when that covers every block). Returns (n_trainable, n_total) parameters."""
+        frozen but for its top `vision_top_n` blocks (all of it when that covers every block).
+        Returns (n_trainable, n_total) parameters."""
         if stage not in ("stage1", "stage2"):
             raise ValueError(f"stage {stage!r}: expected 'stage1' or 'stage2'")
         self.visual.requires_grad_(False)

@@ -15,7 +15,7 @@ chat: .json/.jsonl rows with "messages" (a list, or that list as a JSON string) 
   {"type": "image"} / {"type": "text", "text": ...} items, plus "image" or "images" paths (null: a text-only row).
 llava: .json/.jsonl rows with "image" and "conversations" of {"from": human/gpt, "value": ...}; each <image> marker
   becomes an image item in its place.
-shapes: "a small red circle on a white background." style captions of generated 64x64 images (4 vision tokens each),
+shapes: "a small red circle on a white background." style captions of generated 96x96 images (9 vision tokens each),
   with a byte-level BPE tokenizer and ChatML template saved next to the data, so Processor.from_pretrained(out_dir)
   works and a tiny model trained from scratch can learn it on a CPU.
 
@@ -64,8 +64,9 @@ max_seq_len = 4096  # longer rows are dropped, as for ArtemisMix
 val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), 0.05 for shapes so its eval has ~200 images
 min_pixels = None  # Processor.resize limits; None = the checkpoint's
 max_pixels = None
-num_samples = 4000  # shapes: how many images
-image_size = 64  # shapes: side in pixels; 64 = 4x4 patches of 16 = 4 merged vision tokens
+num_samples = 8000  # shapes: how many images
+image_size = 96  # shapes: side in pixels; 96 = 6x6 patches of 16 = 9 merged vision tokens (at 64, 4 tokens, a tiny
+#                  ViT learned the shapes far more slowly)
 seed = 1337  # shapes
 chunk_size = 1000  # rows per piece (chat, llava, shapes)
 num_workers = os.cpu_count()
@@ -411,6 +412,8 @@ if __name__ == '__main__':
                 log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
                 log.flush()
     total = sum(map(Counter, read_done(out_dir).values()), Counter())
+    if dataset == 'shapes' and total['val']:  # a held-out image for README's `python sample.py` command
+        PreparedDataset(out_dir, 'val')[0]['images'][0].save(os.path.join(out_dir, 'example.png'))
     skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in ('train', 'val'))
     print(f"{out_dir}: {total['train']} train + {total['val']} val rows; skipped: {skipped or 'none'}"
           + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units) else '')

@@ -353,11 +353,12 @@ while True:
         t0 = time.time()
         n = log_interval if iter_num else 1
         tok_s = n_tokens * world * n / dt
-        mfu = flops_per_token(batch["input_ids"].shape[1]) * tok_s / (peak_flops * world) if device_type == "cuda" else None
+        mfu = None if device_type != "cuda" else \
+            flops_per_token(batch["input_ids"].shape[1]) * tok_s / (peak_flops * world)
         if master:
             print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, {dt * 1000 / n:.0f} ms/iter, "
-                  f"{n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s" + (f", mfu {mfu * 100:.1f}%" if mfu
-                                                                                       is not None else ""))
+                  f"{n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s"
+                  + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))
             log(iter=iter_num, loss=loss_val, lr=lr_mult * learning_rate, ms=dt * 1000 / n, tok_s=tok_s, mfu=mfu)
     iter_num += 1
 

@@ -57,13 +57,13 @@ def test_shapes_dataset(shapes, tmp_path):
     text = "Any text, even ünïcode ✓, still encodes."
     assert tok.decode(tok.encode(text).ids) == text
     row = train[0]
-    assert set(row) == {"messages", "images"} and row["images"][0].size == (64, 64)
+    assert set(row) == {"messages", "images"} and row["images"][0].size == (96, 96)
     assert row["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe this image."}]
     words = row["messages"][1]["content"].split()
     assert words[0] == "a" and words[-3:-1] == ["a", words[-2]] and words[-1] == "background."
     batch = proc.collate([train[i] for i in range(4)] + [val[0]])
-    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 5  # 4 merged vision tokens per image
-    assert ((batch["input_ids"] == proc.image_token_id).sum(1) == 4).all()
+    assert batch["image_grid_thw"].tolist() == [[1, 6, 6]] * 5  # 9 merged vision tokens per image
+    assert ((batch["input_ids"] == proc.image_token_id).sum(1) == 9).all()
     # the target is the caption (one token per word) and the end of turn
     ids = batch["input_ids"][0][batch["labels"][0] != -100]
     assert proc.decode(ids).strip() == row["messages"][1]["content"]
@@ -73,6 +73,7 @@ def test_shapes_dataset(shapes, tmp_path):
     again = ok(tmp_path, "--dataset=shapes", "--num_samples=60", "--chunk_size=25", "--val_frac=0.2",
                "--out_dir=out", "--num_workers=1")
     assert again.split(";")[0] == summary.split(";")[0]
+    assert Image.open(out / "example.png").size == (96, 96)  # README's sample.py command has an image
     for split in ("train", "val"):
         for f in sorted(os.listdir(out / split)):
             assert (out / split / f).read_bytes() == (tmp_path / "out" / split / f).read_bytes(), f
