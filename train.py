@@ -157,6 +157,18 @@ model.language_model.gradient_checkpointing = gradient_checkpointing
 if master:
     print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters")
 
+# wrap for the step: the raw module stays `model`, for saving and eval; before the optimizer, since FSDP2 swaps
+# the parameters for sharded ones ----------------------------------------------------------------------------------
+if fsdp:
+    from torch.distributed.fsdp import fully_shard  # FSDP2: parameters become DTensors sharded over the processes
+    for layer in model.language_model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+train_model = torch.compile(model) if compile else model
+if ddp and not fsdp:  # find_unused_parameters: a micro-batch of text-only rows leaves the vision side without grads
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None,
+                      find_unused_parameters=True)
+
 # optimizer: one group per part, decay on matrices only --------------------------------------------------------
 parts = {"projector": (model.multi_modal_projector, learning_rate), "decoder": (model.language_model, decoder_lr),
          "vision": (model.visual, vision_lr)}
@@ -168,19 +180,6 @@ for name, (module, lr) in parts.items():
         if sel:
             groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
 optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
-
-# wrap for the step: the raw module stays `model`, for saving and eval -------------------------------------------
-if fsdp:
-    from torch.distributed.fsdp import fully_shard  # FSDP2: parameters become DTensors sharded over the processes
-    for layer in model.language_model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    train_model = torch.compile(model) if compile else model
-else:
-    train_model = torch.compile(model) if compile else model
-    if ddp:  # find_unused_parameters: a micro-batch of text-only rows leaves the vision side without gradients
-        train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None,
-                          find_unused_parameters=True)
 
 # data -------------------------------------------------------------------------------------------------------------
 train_ds, val_ds = PreparedDataset(dataset, "train"), PreparedDataset(dataset, "val")
@@ -261,7 +260,7 @@ def save_checkpoint():
     sd = model.state_dict()
     if fsdp:  # gather the sharded DTensors: every process takes part, process 0 writes
         sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
-    opt = optimizer.state_dict() if not fsdp else None  # FSDP resume would need torch.distributed.checkpoint
+    opt = optimizer.state_dict() if not fsdp else None  # sharded optimizer state would need torch.distributed.checkpoint
     global saved_at
     saved_at = iter_num
     if not master:
@@ -281,6 +280,9 @@ def save_checkpoint():
 iter_num, best_val_loss, saved_at = 0, float("inf"), None
 if state is not None:
     iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+    if state["optimizer"] is None:
+        raise SystemExit(f"error: {ckpt_dir} was written by an fsdp run, which saves no optimizer state; start from "
+                         f"its weights with --init_from=pretrained --pretrained={ckpt_dir}")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])

@@ -102,12 +102,14 @@ def test_vision_top_n_opens_the_top_blocks(tmp_path, data, tiny_ckpt):
     assert changed == {"blocks.1"}
 
 
-def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path, data, tiny_ckpt):
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, data, tiny_ckpt, shard):
     args = ["--init_from=pretrained", f"--pretrained={tiny_ckpt}", "--stage=stage2", "--max_iters=1",
             "--eval_interval=1", "--gradient_accumulation_steps=2", "--batch_size=2"]
     train(tmp_path / "one", data, *args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'two'}", f"--dataset={data}", *TINY, *args]
+           os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'two'}", f"--dataset={data}", *TINY, *args,
+           f"--fsdp={shard == 'fsdp'}"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert losses(tmp_path / "two")[0] == pytest.approx(losses(tmp_path / "one")[0], abs=1e-6)
