@@ -332,10 +332,10 @@ class ArtemisVLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, pixel_values=None,
-                 image_grid_thw=None, attention_mask=None, stop_ids=None, decode_one=None):
+                 image_grid_thw=None, attention_mask=None, stop_ids=None, decode_one=None, callback=None):
         """Prompt (B, T), left-padded when rows differ in length (attention_mask 0 on the pads), followed by up to
         max_new_tokens new tokens. A row that emits a stop id keeps repeating it while the others finish.
-        decode_one: an optional compiled `self.decode_one`."""
+        decode_one: an optional compiled `self.decode_one`; callback(tokens (B,)) sees each step as it is sampled."""
         B, T = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -354,6 +354,8 @@ class ArtemisVLM(nn.Module):
             tok = sample(logits, temperature, top_k, top_p)  # (B,)
             tok = torch.where(done, out[-1][:, -1], tok)
             out.append(tok[:, None])
+            if callback is not None:
+                callback(tok)
             done |= torch.isin(tok, stop)
             if done.all() or i == max_new_tokens - 1:
                 break
@@ -545,9 +547,3 @@ def read_tensors(path, rename, dtype, device):
                     sd[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     return sd
 
-
-def flops_per_token(c: TextConfig, n_tokens):
-    """Decoder training FLOPs per token (forward + backward = 6 N + attention), for MFU."""
-    n = c.num_hidden_layers * (c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-                               + 3 * c.hidden_size * c.intermediate_size) + c.hidden_size * c.vocab_size
-    return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n_tokens

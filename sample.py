@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from model import ArtemisVLM, resolve, sample
+from model import ArtemisVLM, resolve
 from processor import Processor, load_image
 
 # -----------------------------------------------------------------------------
@@ -94,37 +94,28 @@ pixels = inputs.get("pixel_values")
 pixels = None if pixels is None else pixels.to(device)
 grid = inputs.get("image_grid_thw")
 decode_one = torch.compile(model.decode_one, mode="reduce-overhead", fullgraph=True) if compile else model.decode_one
-stop = set(processor.stop_ids)
 torch.manual_seed(seed)
 
 
 @torch.inference_mode()
 def stream():
-    """model.generate for one row, printing the text as it grows. Returns (new tokens, ttft s, decode s)."""
-    S = T + max_new_tokens
-    key_valid = torch.ones(1, S, dtype=torch.bool, device=device)  # one row, no padding
-    model.setup_caches(1, S)
+    """One sample, its text printed as it grows. Returns (new tokens, time to first token s, decode s)."""
+    out, times, shown = [], [], 0
     t0 = time.perf_counter()
-    logits = model.prefill(ids, torch.arange(T, device=device)[None], key_valid, pixels, grid)  # the image, once
-    out, shown = [], 0
-    for i in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p)  # (1,)
-        out.append(tok.item())  # .item() waits for the device, so the clock below is honest
-        if i == 0:
-            t1 = time.perf_counter()
-        if out[-1] in stop:
-            break
-        text = processor.decode(out)  # the whole answer: tokens alone may split a UTF-8 character
+
+    def show(tok):
+        nonlocal shown
+        out.append(tok.item())  # .item() waits for the device, so the clock is honest
+        times.append(time.perf_counter())
+        text = processor.decode(out)  # the whole answer: one token alone may split a UTF-8 character
         if not text.endswith("\ufffd"):  # hold back a character whose bytes are still coming
             print(text[shown:], end="", flush=True)
             shown = len(text)
-        if i == max_new_tokens - 1:
-            break
-        p = torch.tensor([T + i], device=device)  # the token's cache slot is also its RoPE position
-        logits = decode_one(tok[:, None], p[None], p, key_valid)
-    print(processor.decode(out)[shown:], flush=True)  # the held-back rest, hidden stop token and all
-    model.clear_caches()
-    return i + 1, t1 - t0, time.perf_counter() - t1
+
+    model.generate(ids, max_new_tokens, temperature, top_k, top_p, pixels, grid, stop_ids=processor.stop_ids,
+                   decode_one=decode_one, callback=show)  # the image is encoded once, at prefill
+    print(processor.decode(out)[shown:], flush=True)  # the held-back rest, if any
+    return len(out), times[0] - t0, times[-1] - times[0]
 
 
 for k in range(num_samples):
