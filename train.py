@@ -365,4 +365,5 @@ while True:
     iter_num += 1
 
 if ddp:
+    dist.barrier()  # process 0 may still be writing the checkpoint: tearing gloo down under it aborts the others
     dist.destroy_process_group()
