@@ -111,41 +111,63 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
 ckpt_dir = os.path.join(out_dir, "ckpt")
 
+# data -------------------------------------------------------------------------------------------------------------
+if not os.path.exists(os.path.join(dataset, "meta.json")):  # before a 12B model loads for nothing
+    raise SystemExit(f"error: dataset={dataset!r} is not a prepared dataset (no meta.json): run prepare.py first")
+train_ds, val_ds = PreparedDataset(dataset, "train"), PreparedDataset(dataset, "val")
+steps_per_epoch = len(train_ds) // global_batch
+max_iters = max_iters or steps_per_epoch
+if steps_per_epoch == 0:
+    raise SystemExit(f"error: {dataset} has {len(train_ds)} training rows, fewer than one global batch "
+                     f"({global_batch} = batch_size x gradient_accumulation_steps)")
+warmup_iters = int(warmup_frac * max_iters)
+
 # model and processor -------------------------------------------------------------------------------------------
 # Frozen weights are kept in the autocast dtype (a 12B decoder in fp32 would not fit); trainable ones in fp32,
 # the optimizer's master copy.
 frozen_dtype = ptdtype
-state = None
-if init_from == "resume":
-    state = torch.load(os.path.join(ckpt_dir, "train_state.pt"), map_location="cpu", weights_only=False)
-    model = ArtemisVLM.from_pretrained(ckpt_dir, dtype=frozen_dtype, device=device)
-    processor = Processor.from_pretrained(ckpt_dir)
-elif init_from == "pretrained":
-    model = ArtemisVLM.from_pretrained(pretrained, dtype=frozen_dtype, device=device)
-    processor = Processor.from_pretrained(pretrained)
-elif init_from == "parts":
-    model = ArtemisVLM.from_parts(text_model, vision_model, image_token_id, dtype=frozen_dtype, device=device,
-                                  seed=seed)
-    processor = Processor.from_pretrained(text_model)  # the decoder's tokenizer and chat template
-elif init_from == "scratch":
-    processor = Processor.from_pretrained(dataset)
-    vocab = processor.tokenizer.get_vocab_size()
-    text = TextConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=intermediate_size,
-                      num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
-                      head_dim=head_dim, sliding_window=None, max_position_embeddings=4096,
-                      bos_token_id=None, eos_token_id=processor.stop_ids[0], pad_token_id=processor.pad_id)
-    vision = VisionConfig(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                          num_heads=vision_heads, out_hidden_size=vision_out, num_position_embeddings=64,
-                          patch_size=processor.patch_size, spatial_merge_size=processor.merge_size,
-                          temporal_patch_size=processor.temporal_patch_size, deepstack_visual_indexes=[])
-    model = ArtemisVLM(ArtemisConfig(text, vision, processor.image_token_id)).to(device)
-    for name, p in model.named_parameters():  # transformers' init: normal(0, 0.02), zero biases, unit norms
-        if p.dim() >= 2:
-            torch.nn.init.normal_(p, std=0.02)
-        elif "norm" not in name:
-            torch.nn.init.zeros_(p)
-else:
-    raise SystemExit(f"error: init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
+
+
+def init_model():
+    """(model, processor, resume state or None) as init_from says."""
+    state = None
+    if init_from == "resume":
+        state = torch.load(os.path.join(ckpt_dir, "train_state.pt"), map_location="cpu", weights_only=False)
+        model = ArtemisVLM.from_pretrained(ckpt_dir, dtype=frozen_dtype, device=device)
+        processor = Processor.from_pretrained(ckpt_dir)
+    elif init_from == "pretrained":
+        model = ArtemisVLM.from_pretrained(pretrained, dtype=frozen_dtype, device=device)
+        processor = Processor.from_pretrained(pretrained)
+    elif init_from == "parts":
+        model = ArtemisVLM.from_parts(text_model, vision_model, image_token_id, dtype=frozen_dtype, device=device,
+                                      seed=seed)
+        processor = Processor.from_pretrained(text_model)  # the decoder's tokenizer and chat template
+    elif init_from == "scratch":
+        processor = Processor.from_pretrained(dataset)
+        vocab = processor.tokenizer.get_vocab_size()
+        text = TextConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=intermediate_size,
+                          num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                          head_dim=head_dim, sliding_window=None, max_position_embeddings=4096,
+                          bos_token_id=None, eos_token_id=processor.stop_ids[0], pad_token_id=processor.pad_id)
+        vision = VisionConfig(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                              num_heads=vision_heads, out_hidden_size=vision_out, num_position_embeddings=64,
+                              patch_size=processor.patch_size, spatial_merge_size=processor.merge_size,
+                              temporal_patch_size=processor.temporal_patch_size, deepstack_visual_indexes=[])
+        model = ArtemisVLM(ArtemisConfig(text, vision, processor.image_token_id)).to(device)
+        for name, p in model.named_parameters():  # transformers' init: normal(0, 0.02), zero biases, unit norms
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.02)
+            elif "norm" not in name:
+                torch.nn.init.zeros_(p)
+    else:
+        raise SystemExit(f"error: init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
+    return model, processor, state
+
+
+try:
+    model, processor, state = init_model()
+except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key or argument
+    raise SystemExit(f"error: init_from={init_from!r}: {e}")
 if processor.image_token_id != model.config.image_token_id:
     raise SystemExit(f"error: the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
                      f"image_token_id is {model.config.image_token_id}")
@@ -180,16 +202,6 @@ for name, (module, lr) in parts.items():
         if sel:
             groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
 optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
-
-# data -------------------------------------------------------------------------------------------------------------
-train_ds, val_ds = PreparedDataset(dataset, "train"), PreparedDataset(dataset, "val")
-steps_per_epoch = len(train_ds) // global_batch
-max_iters = max_iters or steps_per_epoch
-if steps_per_epoch == 0:
-    raise SystemExit(f"error: {dataset} has {len(train_ds)} training rows, fewer than one global batch "
-                     f"({global_batch} = batch_size x gradient_accumulation_steps)")
-warmup_iters = int(warmup_frac * max_iters)
-
 
 def train_batches(start_iter):
     """This process's micro-batches from optimizer step `start_iter` on. Step s of epoch e takes rows

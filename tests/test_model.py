@@ -242,3 +242,47 @@ def test_sampling_options():
     assert set(sample(logits, 1.0, top_k=2).tolist()) <= {2, 3}
     assert set(sample(logits, 1.0, top_p=0.5).tolist()) == {2}
     assert len(set(sample(logits, 5.0).tolist())) > 2
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, path = artemis_reference(tmp_path)
+    model = ArtemisVLM.from_pretrained(path)
+    target = str(tmp_path / "ckpt")
+    model.save_pretrained(target)
+    before = sorted(os.listdir(target))
+    import model as model_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the run were killed while writing the shards
+
+    monkeypatch.setattr(model_module, "save_file", crash)
+    with torch.no_grad():
+        model.multi_modal_projector.fc1.bias.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    assert sorted(os.listdir(target)) == before
+    again = ArtemisVLM.from_pretrained(target)
+    assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="no-such-org/no-such-graft: not a local directory, and fetching it"):
+        ArtemisVLM.from_pretrained("no-such-org/no-such-graft")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    _, path = artemis_reference(tmp_path)
+    model = ArtemisVLM.from_pretrained(path).train()
+    ids, mask, labels, pixels = image_batch()
+    grads, calls = [], []
+    model.language_model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    for ckpt in (False, True):
+        model.zero_grad()
+        calls.clear()
+        model.language_model.gradient_checkpointing = ckpt
+        model(ids, pixels, GRIDS, labels=labels, attention_mask=mask)[1].backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        assert len(calls) == 1 + ckpt  # checkpointing runs the layer again in the backward pass
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)

@@ -141,3 +141,8 @@ def test_checkpoint_loads_in_artemis_vlm(tmp_path, data, tiny_ckpt):
 def test_bad_init_from_is_one_line(tmp_path, data):
     p = train(tmp_path, data, "--init_from=nowhere", check=False)
     assert p.returncode != 0 and "init_from='nowhere'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    p = train(tmp_path, str(tmp_path / "nope"), "--init_from=scratch", check=False)
+    assert p.returncode != 0 and "is not a prepared dataset" in p.stderr and "Traceback" not in p.stderr
