@@ -53,6 +53,8 @@ class TextConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise ValueError(f"text config: rope_type {kind!r} is not supported, expected 'default' (plain RoPE)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"text config: hidden_act {d['hidden_act']!r} is not supported, expected 'silu'")
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
         kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         if "sliding_window" in d:  # an explicit null means full attention; absent means MistralConfig's 4096
@@ -408,11 +410,10 @@ class ArtemisVLM(nn.Module):
                     return None if k.startswith(IGNORED_KEYS) else k
 
         sd.update(read_tensors(vision_path, vision_key, dtype, device))
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.multi_modal_projector.named_parameters():
-            # transformers' _init_weights for Linear: normal(0, initializer_range=0.02) weights, zero biases
-            t = torch.randn(p.shape, generator=g) * 0.02 if name.endswith("weight") else torch.zeros(p.shape)
-            sd["multi_modal_projector." + name] = t.to(device, dtype)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, which artemis-vlm's from_a2_and_vision keeps
+            torch.manual_seed(seed)
+            fresh = Projector(config.vision.out_hidden_size, config.text.hidden_size)
+        sd.update({"multi_modal_projector." + k: v.to(device, dtype) for k, v in fresh.state_dict().items()})
         return model.load_checked(sd, f"{text_path} + {vision_path}")
 
     def load_checked(self, sd, where):

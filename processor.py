@@ -213,6 +213,8 @@ class Processor:
         self.special_tokens = dict(special_tokens or {})  # {"bos_token": "<s>", ...}: template variables
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"min_pixels={min_pixels}, max_pixels={max_pixels}: expected 0 < min_pixels <= max_pixels")
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         if self.image_token_id is None or tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False).ids != [

@@ -53,6 +53,10 @@ if dtype not in ("float32", "bfloat16", "float16"):
     die(f"--dtype={dtype}: expected float32, bfloat16 or float16")
 if max_new_tokens < 1:
     die(f"--max_new_tokens={max_new_tokens}: expected at least 1")
+if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    die(f"--top_k={top_k}: expected a whole number of at least 1")
+if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    die(f"--top_p={top_p}: expected a number in (0, 1]")
 if thinking not in ("on", "off"):
     die(f"--thinking={thinking}: expected on or off")
 if not init_from:

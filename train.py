@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ArtemisConfig, ArtemisVLM, TextConfig
+from model import ArtemisConfig, ArtemisVLM, TextConfig, read_tensors
 from prepare import PreparedDataset
 from processor import Processor
 from vision import VisionConfig
@@ -86,7 +86,16 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
+if dtype not in ("float32", "bfloat16"):  # float16 would need a GradScaler; bf16 does not
+    raise SystemExit(f"error: dtype={dtype!r}, expected 'float32' or 'bfloat16'")
+if stage not in ("stage1", "stage2"):
+    raise SystemExit(f"error: stage={stage!r}, expected 'stage1' or 'stage2'")
+for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+    if globals()[k] < 1:
+        raise SystemExit(f"error: {k}={globals()[k]}, expected at least 1")
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+if fsdp and not ddp:
+    raise SystemExit("error: fsdp=True shards over processes: launch with torchrun --nproc_per_node=N")
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
@@ -105,7 +114,7 @@ torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ptdtype = getattr(torch, dtype)
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -143,7 +152,7 @@ def init_model():
                                       seed=seed)
         processor = Processor.from_pretrained(text_model)  # the decoder's tokenizer and chat template
     elif init_from == "scratch":
-        processor = Processor.from_pretrained(dataset)
+        processor = Processor.from_pretrained(train_ds.processor_dir)
         vocab = processor.tokenizer.get_vocab_size()
         text = TextConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=intermediate_size,
                           num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
@@ -175,6 +184,12 @@ n_trainable, n_total = model.set_training_stage(stage, vision_top_n)
 for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()
+if state is not None:  # the saved fp32 master weights, not their rounding to frozen_dtype
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    exact = read_tensors(ckpt_dir, lambda k: k if k in names else None, torch.float32, device)
+    for n, p in model.named_parameters():
+        if n in exact:
+            p.data = exact[n]
 model.language_model.gradient_checkpointing = gradient_checkpointing
 if master:
     print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters")
@@ -239,6 +254,7 @@ def estimate_loss():
     """Mean loss over the first eval_iters batches of the held-out split, split between the processes."""
     model.eval()
     n = min(eval_iters * batch_size, len(val_ds))
+    n -= n % (world * batch_size)  # the same number of forwards on every process: FSDP's gathers are collective
     batches = [list(range(i, min(i + batch_size, n))) for i in range(rank * batch_size, n, world * batch_size)]
     total = torch.zeros(2, device=device)
     for batch in loader(val_ds, batches):
@@ -270,9 +286,14 @@ def flops_per_token(T):
 def save_checkpoint():
     """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once."""
     sd = model.state_dict()
-    if fsdp:  # gather the sharded DTensors: every process takes part, process 0 writes
-        sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
-    opt = optimizer.state_dict() if not fsdp else None  # sharded optimizer state would need torch.distributed.checkpoint
+    if fsdp:  # gather the sharded DTensors one at a time (a collective); only process 0 keeps them, on CPU
+        full = {}
+        for k, v in sd.items():
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            if master:
+                full[k] = v.cpu()
+        sd = full
+    opt = None if fsdp else optimizer.state_dict()  # sharded optimizer state needs torch.distributed.checkpoint
     global saved_at
     saved_at = iter_num
     if not master:
@@ -292,6 +313,12 @@ def save_checkpoint():
 iter_num, best_val_loss, saved_at = 0, float("inf"), None
 if state is not None:
     iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+    was = state["config"]
+    changed = [k for k in ("dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage",
+                           "warmup_frac", "vision_top_n") if was.get(k) != config[k]]
+    if changed:  # the data order and the lr schedule are functions of these
+        raise SystemExit(f"error: resume with other {', '.join(changed)} than the run in {ckpt_dir} "
+                         f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
     if state["optimizer"] is None:
         raise SystemExit(f"error: {ckpt_dir} was written by an fsdp run, which saves no optimizer state; start from "
                          f"its weights with --init_from=pretrained --pretrained={ckpt_dir}")
@@ -323,9 +350,13 @@ def log(**row):
 
 # training loop -----------------------------------------------------------------------------------------------------
 batches = iter(loader(train_ds, train_batches(iter_num)))
-batch = to_device(next(batches))
-t0 = time.time()
+batch = next(batches)
+t0, last_log = time.time(), iter_num
 while True:
+    if ddp:  # a signal reaches each process at its own moment: all stop at the same step or none does
+        flag = torch.tensor(float(stop_requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_requested = bool(flag.item())
     lr_mult = get_lr(iter_num)
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * lr_mult
@@ -347,10 +378,10 @@ while True:
     for micro in range(accum):
         if ddp and not fsdp:  # all-reduce gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == accum - 1
-        loss = forward(train_model, batch) / accum
-        n_tokens += int(batch["attention_mask"].sum())
-        n_samples += batch["input_ids"].shape[0]
-        batch = to_device(next(batches))  # the loader workers prepared it while the GPU worked
+        n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no device sync
+        n_samples, T = n_samples + batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+        loss = forward(train_model, to_device(batch)) / accum
+        batch = next(batches)  # the loader workers prepared it while the GPU worked
         loss.backward()
         losses += loss.detach()
     if grad_clip:
@@ -364,14 +395,12 @@ while True:
             losses /= world
         loss_val = losses.item()  # a sync point: only on log steps
         dt = time.time() - t0
-        t0 = time.time()
-        n = log_interval if iter_num else 1
+        n, t0, last_log = iter_num + 1 - last_log, time.time(), iter_num + 1  # steps since the last log line
         tok_s = n_tokens * world * n / dt
-        mfu = None if device_type != "cuda" else \
-            flops_per_token(batch["input_ids"].shape[1]) * tok_s / (peak_flops * world)
+        mfu = None if device_type != "cuda" else flops_per_token(T) * tok_s / (peak_flops * world)
         if master:
-            print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, {dt * 1000 / n:.0f} ms/iter, "
-                  f"{n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s"
+            print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, "
+                  f"{dt * 1000 / n:.0f} ms/iter, {n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s"
                   + (f", mfu {mfu * 100:.1f}%" if mfu is not None else ""))
             log(iter=iter_num, loss=loss_val, lr=lr_mult * learning_rate, ms=dt * 1000 / n, tok_s=tok_s, mfu=mfu)
     iter_num += 1

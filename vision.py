@@ -27,6 +27,10 @@ class VisionConfig:
     deepstack_visual_indexes: list = field(default_factory=lambda: [8, 16, 24])
     rope_theta: float = 10000.0
 
+    def __post_init__(self):
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"vision config: hidden_act {self.hidden_act!r}, expected 'gelu_pytorch_tanh' or 'gelu'")
+
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
         names = {f.name for f in fields(cls)} - {"rope_theta"}

@@ -88,8 +88,9 @@ def test_decoder_matches_transformers(tmp_path, window):
     assert (got - want).abs().max() <= 1e-4
 
 
-def test_graft_matches_artemis_logits_and_loss(tmp_path):
-    ref, path = artemis_reference(tmp_path)
+@pytest.mark.parametrize("window", [None, 5])
+def test_graft_matches_artemis_logits_and_loss(tmp_path, window):
+    ref, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": window})
     ours = ArtemisVLM.from_pretrained(path, dtype=torch.float32).eval()
     ids, mask, labels, pixels = image_batch()
     with torch.no_grad():

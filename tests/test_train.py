@@ -64,6 +64,9 @@ def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
     assert sorted(cut) == list(range(40))  # every step once: nothing repeated, nothing skipped
     for it in range(40):
         assert cut[it] == pytest.approx(full[it], abs=1e-6), it
+    # another seed would silently change the data order: refused in one line
+    p = train(tmp_path / "cut", data, *common, "--init_from=resume", "--seed=7", check=False)
+    assert p.returncode != 0 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +96,17 @@ def test_stages_train_only_their_parts(tmp_path, data, tiny_ckpt, stage):
         not any(k.startswith("visual.") for k in changed) and any(k.startswith("language_model.") for k in changed)
 
 
-def test_vision_top_n_opens_the_top_blocks(tmp_path, data, tiny_ckpt):
+@pytest.mark.parametrize("top_n", [1, 2])
+def test_vision_top_n_opens_the_top_blocks(tmp_path, data, tiny_ckpt, top_n):
     train(tmp_path, data, "--init_from=pretrained", f"--pretrained={tiny_ckpt}", "--stage=stage1",
-          "--vision_top_n=1", "--max_iters=2", "--eval_interval=2", "--vision_lr=1e-2")
+          f"--vision_top_n={top_n}", "--max_iters=2", "--eval_interval=2", "--vision_lr=1e-2")
     before, after = weights(tiny_ckpt), weights(tmp_path / "ckpt")
-    changed = {k.split(".")[1] + "." + k.split(".")[2] for k in before if k.startswith("visual.")
+    changed = {".".join(k.split(".")[1:3]) for k in before if k.startswith("visual.")
                and not torch.equal(before[k], after[k])}
-    assert changed == {"blocks.1"}
+    # the tiny tower has 2 blocks: opening both opens all of it, patch embedding and merger too
+    want = {"blocks.1"} if top_n == 1 else {"blocks.0", "blocks.1", "patch_embed.proj", "pos_embed.weight",
+                                            "merger.norm", "merger.linear_fc1", "merger.linear_fc2"}
+    assert changed == want
 
 
 @pytest.mark.parametrize("shard", ["ddp", "fsdp"])
