@@ -468,6 +468,10 @@ class ArtemisVLM(nn.Module):
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
         if write_extra is not None:
             write_extra(tmp)
+        for name in os.listdir(tmp):  # on disk before the renames below make them the checkpoint
+            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         old = path.rstrip("/") + ".old"
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
@@ -518,6 +522,8 @@ def resolve(path):
     """A local checkpoint directory as is; anything else is a hub repo id, fetched through huggingface-hub."""
     if os.path.isdir(path):
         return path
+    if os.path.isdir(path.rstrip("/") + ".old"):  # a save_pretrained stopped between its two renames
+        return path.rstrip("/") + ".old"
     if os.path.exists(path):
         raise ValueError(f"{path}: is a file, expected a checkpoint directory or a hub repo id")
     from huggingface_hub import snapshot_download

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ArtemisConfig, ArtemisVLM, TextConfig, read_tensors
+from model import ArtemisConfig, ArtemisVLM, TextConfig, read_tensors, resolve
 from prepare import PreparedDataset
 from processor import Processor
 from vision import VisionConfig
@@ -141,9 +141,10 @@ def init_model():
     """(model, processor, resume state or None) as init_from says."""
     state = None
     if init_from == "resume":
-        state = torch.load(os.path.join(ckpt_dir, "train_state.pt"), map_location="cpu", weights_only=False)
-        model = ArtemisVLM.from_pretrained(ckpt_dir, dtype=frozen_dtype, device=device)
-        processor = Processor.from_pretrained(ckpt_dir)
+        ckpt = resolve(ckpt_dir)  # or the previous checkpoint, where a save stopped halfway through its swap
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+        model = ArtemisVLM.from_pretrained(ckpt, dtype=frozen_dtype, device=device)
+        processor = Processor.from_pretrained(ckpt)
     elif init_from == "pretrained":
         model = ArtemisVLM.from_pretrained(pretrained, dtype=frozen_dtype, device=device)
         processor = Processor.from_pretrained(pretrained)
@@ -186,7 +187,7 @@ for p in model.parameters():
         p.data = p.data.float()
 if state is not None:  # the saved fp32 master weights, not their rounding to frozen_dtype
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    exact = read_tensors(ckpt_dir, lambda k: k if k in names else None, torch.float32, device)
+    exact = read_tensors(resolve(ckpt_dir), lambda k: k if k in names else None, torch.float32, device)
     for n, p in model.named_parameters():
         if n in exact:
             p.data = exact[n]
@@ -232,10 +233,16 @@ def train_batches(start_iter):
         it += 1
 
 
+def own_group(worker_id):
+    # Ctrl-C and `kill -TERM -<pgid>` reach every process of the group: in a group of their own the loader workers
+    # live on while the main process finishes its step and saves (it ends them at exit, as usual)
+    os.setpgid(0, 0)
+
+
 def loader(ds, batches):
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=processor.collate,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
-                                       persistent_workers=False)
+                                       worker_init_fn=own_group)
 
 
 def to_device(batch):

@@ -264,6 +264,23 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(target)) == before
     again = ArtemisVLM.from_pretrained(target)
     assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
+    # stopped between its two renames: the previous checkpoint still loads from where the first put it
+    monkeypatch.undo()
+    renames = []
+
+    def rename_then_crash(src, dst):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(dst)
+        os.replace(src, dst)
+
+    monkeypatch.setattr(model_module.os, "rename", rename_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    monkeypatch.undo()
+    assert not os.path.exists(target) and renames == [target + ".old"]
+    again = ArtemisVLM.from_pretrained(target)
+    assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):

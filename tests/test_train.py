@@ -49,11 +49,12 @@ def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
     common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
     train(tmp_path / "full", data, *common)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
-           *TINY, *common]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+           *TINY, *common, "--num_workers=1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                         start_new_session=True)
     for line in p.stdout:
         if line.startswith("iter 3:"):
-            p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)  # the whole group, loader worker included, as Ctrl-C or `timeout` do
             break
     rest = p.stdout.read()
     assert p.wait() == 0
