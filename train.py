@@ -182,15 +182,12 @@ if processor.image_token_id != model.config.image_token_id:
     raise SystemExit(f"error: the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
                      f"image_token_id is {model.config.image_token_id}")
 n_trainable, n_total = model.set_training_stage(stage, vision_top_n)
-for p in model.parameters():
-    if p.requires_grad:
-        p.data = p.data.float()
-if state is not None:  # the saved fp32 master weights, not their rounding to frozen_dtype
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    exact = read_tensors(resolve(ckpt_dir), lambda k: k if k in names else None, torch.float32, device)
-    for n, p in model.named_parameters():
-        if n in exact:
-            p.data = exact[n]
+trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+# on resume, the saved fp32 master weights themselves, not their rounding to frozen_dtype
+exact = {} if state is None else read_tensors(resolve(ckpt_dir), lambda k: k if k in trainable else None,
+                                              torch.float32, device)
+for n, p in trainable.items():
+    p.data = exact.get(n, p.data).float()
 model.language_model.gradient_checkpointing = gradient_checkpointing
 if master:
     print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters")
