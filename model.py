@@ -212,7 +212,7 @@ class Mistral(nn.Module):
         return self.model.norm(x)
 
 
-def attention_mask(q_slots, kv_len, key_valid, window):
+def causal_mask(q_slots, kv_len, key_valid, window):
     """Boolean (B, 1, T, S) mask, True where query slot i may attend key slot j: causal, within the sliding
     window (the last `window` keys including itself), and not a padding key. Every query keeps its own slot so
     a padding query never sees an all-False row (softmax NaN); its output is never used."""
@@ -268,17 +268,14 @@ class ArtemisVLM(nn.Module):
         """Returns (logits, loss) like nanoGPT. Without labels: logits (B, T, vocab), loss None. With labels
         (-100 = ignored, shifted here): the mean cross-entropy over the labelled tokens, and logits None,
         because the head runs only on labelled positions: (B*T, 131072) logits are never materialised."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         x = self.embed(input_ids, pixel_values, image_grid_thw)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding keeps each row at 0, 1, ...
+        window = self.config.text.sliding_window
         mask = None  # plain causal: lets SDPA pick its flash kernel
-        if attention_mask is not None:
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding keeps each row at 0, 1, ...
-            if not attention_mask.bool().all():
-                mask = attention_mask_for(self.config.text, T, attention_mask.bool())
-        else:
-            pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        if mask is None and self.config.text.sliding_window is not None and T > self.config.text.sliding_window:
-            mask = attention_mask_for(self.config.text, T, torch.ones(B, T, dtype=torch.bool, device=x.device))
+        if not valid.all() or (window is not None and T > window):
+            mask = causal_mask(torch.arange(T, device=x.device), T, valid, window)
         h = self.language_model(x, pos, mask)  # (B, T, d_text)
         if labels is None:
             return self.language_model.lm_head(h), None
@@ -321,14 +318,14 @@ class ArtemisVLM(nn.Module):
         T = input_ids.shape[1]
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         slots = torch.arange(T, device=input_ids.device)
-        mask = attention_mask(slots, key_valid.shape[1], key_valid, self.config.text.sliding_window)
+        mask = causal_mask(slots, key_valid.shape[1], key_valid, self.config.text.sliding_window)
         h = self.language_model(x, pos, mask, slots)
         return self.language_model.lm_head(h[:, -1])
 
     def decode_one(self, token, pos, input_pos, key_valid):
         """One token per row at cache slot input_pos (a 1-element tensor); RoPE positions pos (B, 1)."""
         x = self.language_model.model.embed_tokens(token)  # (B, 1, d_text)
-        mask = attention_mask(input_pos, key_valid.shape[1], key_valid, self.config.text.sliding_window)
+        mask = causal_mask(input_pos, key_valid.shape[1], key_valid, self.config.text.sliding_window)
         h = self.language_model(x, pos, mask, input_pos)
         return self.language_model.lm_head(h[:, -1])
 
@@ -478,10 +475,6 @@ class ArtemisVLM(nn.Module):
             os.rename(path, old)
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def attention_mask_for(c: TextConfig, T, key_valid):
-    return attention_mask(torch.arange(T, device=key_valid.device), T, key_valid, c.sliding_window)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):

@@ -80,8 +80,8 @@ def test_decoder_matches_transformers(tmp_path, window):
     pos = torch.arange(17).expand(2, 17)
     mask = None
     if window:
-        from model import attention_mask_for
-        mask = attention_mask_for(c, 17, torch.ones(2, 17, dtype=torch.bool))
+        from model import causal_mask
+        mask = causal_mask(torch.arange(17), 17, torch.ones(2, 17, dtype=torch.bool), window)
     with torch.no_grad():
         want = logprobs(ref(ids).logits)
         got = logprobs(ours.lm_head(ours(ours.model.embed_tokens(ids), pos, mask)))
