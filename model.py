@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vision import VisionConfig, VisionTower
+from vision import VisionConfig, VisionTower, rotate_half
 
 # Checkpoint tensors the graft reads past on purpose. Qwen3-VL feeds its DeepStack mergers into its own
 # decoder's early layers; Artemis keeps the Mistral decoder unmodified, so it never uses them.
@@ -114,11 +114,6 @@ def rope(pos, head_dim, theta, dtype):
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 class KVCache(nn.Module):
