@@ -146,12 +146,14 @@ def init_model():
         model = ArtemisVLM.from_pretrained(ckpt, dtype=frozen_dtype, device=device)
         processor = Processor.from_pretrained(ckpt)
     elif init_from == "pretrained":
-        model = ArtemisVLM.from_pretrained(pretrained, dtype=frozen_dtype, device=device)
-        processor = Processor.from_pretrained(pretrained)
+        path = resolve(pretrained)  # a hub id is fetched once, for both loaders
+        model = ArtemisVLM.from_pretrained(path, dtype=frozen_dtype, device=device)
+        processor = Processor.from_pretrained(path)
     elif init_from == "parts":
-        model = ArtemisVLM.from_parts(text_model, vision_model, image_token_id, dtype=frozen_dtype, device=device,
+        path = resolve(text_model)
+        model = ArtemisVLM.from_parts(path, vision_model, image_token_id, dtype=frozen_dtype, device=device,
                                       seed=seed)
-        processor = Processor.from_pretrained(text_model)  # the decoder's tokenizer and chat template
+        processor = Processor.from_pretrained(path)  # the decoder's tokenizer and chat template
     elif init_from == "scratch":
         processor = Processor.from_pretrained(train_ds.processor_dir)
         vocab = processor.tokenizer.get_vocab_size()
