@@ -10,6 +10,7 @@ Mirrors, output for output:
 """
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -226,12 +227,10 @@ class Processor:
         if self.pad_id is None:
             raise ValueError("special_tokens: need a pad_token or eos_token that the tokenizer knows")
         self.stop_ids = list(dict.fromkeys(i for i in (eos, tokenizer.token_to_id("<|im_end|>")) if i is not None))
-        # x/255 then (x-mean)/std for all 256 uint8 values, in transformers' dtypes (float64 rescale, float32
-        # normalize), so pixel values come out bit-identical and are one table lookup per pixel
-        v = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-        mean, std = np.array(self.image_mean, np.float32), np.array(self.image_std, np.float32)
-        self._lut = ((v[None, :] - mean[:, None]) / std[:, None]).reshape(-1)  # (3*256,) float32
-        self._offsets = (np.arange(3, dtype=np.uint16) * 256).reshape(3, 1, 1, 1)
+        # float32 (1, 3, 1, 1, 1): float32 x/255 equals transformers' float64 rescale cast to float32 for all 256
+        # uint8 values, so with float32 (x-mean)/std the pixel values come out bit-identical
+        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
+        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1, 1)
 
     @classmethod
     def from_pretrained(cls, path, min_pixels=None, max_pixels=None):
@@ -318,31 +317,48 @@ class Processor:
     def resize(self, image):
         """RGB, smart_resize'd, bicubic: what the model sees. Resizing the result again keeps its size, except where
         the short side's floor of one factor already overshoots max_pixels (aspect near 200, small max_pixels)."""
-        if isinstance(image, (str, Path)):
-            image = load_image(image)
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"images: expected PIL images or file paths, got {type(image).__name__}")
-        f = self.patch_size * self.merge_size
-        h, w = smart_resize(image.height, image.width, f, self.min_pixels, self.max_pixels)
+        image = self._open(image)
+        h, w = self._size(image)
         try:  # resize the uint8 image (never floats) first, so a huge photo never becomes a huge float array
             return to_rgb(image).resize((w, h), Image.BICUBIC)
         except OSError as e:  # a lazily opened file that turns out truncated
             raise ValueError(f"{getattr(image, 'filename', '') or 'image'}: unreadable or truncated ({e})") from None
 
+    def _open(self, image):
+        if isinstance(image, (str, Path)):
+            return load_image(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images: expected PIL images or file paths, got {type(image).__name__}")
+        return image
+
+    def _size(self, image):
+        f = self.patch_size * self.merge_size
+        return smart_resize(image.height, image.width, f, self.min_pixels, self.max_pixels)
+
     def preprocess(self, images):
         """PIL images or paths -> pixel_values (N, 3*T*P*P) float32 in merge-window order, image_grid_thw (n, 3)."""
         P, T, m = self.patch_size, self.temporal_patch_size, self.merge_size
-        resized = [np.asarray(self.resize(image)) for image in images]  # (H, W, 3) uint8 each
-        grid = torch.tensor([(1, x.shape[0] // P, x.shape[1] // P) for x in resized], dtype=torch.long).view(-1, 3)
-        out = np.empty((int(grid.prod(-1).sum()), 3, T, P, P), np.float32)
-        i = 0
-        for x, (_, gh, gw) in zip(resized, grid.tolist()):
-            # patchify the uint8 pixels (cheap), then one table gather writes the normalized floats, each frame twice
+        images = [self._open(image) for image in images]
+        grid = torch.tensor([(1, h // P, w // P) for h, w in map(self._size, images)], dtype=torch.long).view(-1, 3)
+        ends = grid.prod(-1).cumsum(0).tolist()
+        out = np.empty((ends[-1] if ends else 0, 3, T, P, P), np.float32)
+        mean, std = (np.array(v, np.float32).reshape(3, 1, 1, 1) for v in (self.image_mean, self.image_std))
+
+        def one(k):  # image k -> its rows of out
+            (_, gh, gw), n = grid[k].tolist(), ends[k] - (ends[k - 1] if k else 0)
+            x = np.asarray(self.resize(images[k]))  # (H, W, 3) uint8
             x = x.reshape(gh // m, m, P, gw // m, m, P, 3).transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, 3, P, P)
-            x = x.reshape(gh * gw, 3, 1, P, P) + self._offsets  # uint16 index into the flat (3*256,) table
-            np.take(self._lut, np.broadcast_to(x, (gh * gw, 3, T, P, P)), out=out[i:i + gh * gw])
-            i += gh * gw
-        return torch.from_numpy(out.reshape(i, 3 * T * P * P)), grid  # (N, 3*T*P*P), (n, 3)
+            y = np.divide(x.reshape(n, 3, 1, P, P), np.float32(255), dtype=np.float32)  # the uint8 patchified first
+            np.subtract(y, mean, out=y)
+            np.divide(y, std, out=y)
+            out[ends[k] - n:ends[k]] = y  # broadcast: the frame repeated on the temporal axis
+
+        # PIL's resize and numpy's loops release the GIL, so images run side by side, one per intra-op thread (one in a
+        # data loader worker, where torch keeps a single thread)
+        with ThreadPoolExecutor(max(1, min(len(images), torch.get_num_threads()))) as pool:
+            list(pool.map(one, range(len(images))))
+        out = torch.from_numpy(out)
+        return out.view(-1, 3 * T * P * P), grid  # (N, 3*T*P*P), (n, 3)
 
     # ---- text
 
