@@ -145,7 +145,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None:
+        if input_pos is not None:  # generation: keys and values go to the cache, attention reads all of it
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, max_len, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_head)
@@ -299,12 +299,21 @@ class ArtemisVLM(nn.Module):
     # generation
 
     def setup_caches(self, batch, max_len):
-        c = self.config.text
-        p = self.language_model.lm_head.weight
+        """A KV cache of at least max_len slots per layer. An existing one that is big enough is kept, so the
+        shapes a compiled decode step sees stay the same across prompts: it is captured once, not per prompt length.
+        Returns the cache length."""
+        c, p = self.config.text, self.language_model.lm_head.weight
+        kv = self.language_model.model.layers[0].self_attn.kv_cache
+        if kv is not None and kv.k.shape[0] == batch and kv.k.shape[2] >= max_len and kv.k.dtype == p.dtype \
+                and kv.k.device == p.device:
+            return kv.k.shape[2]
+        max_len = -(-max_len // 256) * 256  # rounded up, so slightly longer prompts reuse it too
         for layer in self.language_model.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
+        return max_len
 
     def clear_caches(self):
+        """Free the KV caches that generate() leaves in place for the next prompt."""
         for layer in self.language_model.model.layers:
             layer.self_attn.kv_cache = None
 
@@ -329,16 +338,16 @@ class ArtemisVLM(nn.Module):
                  image_grid_thw=None, attention_mask=None, stop_ids=None, decode_one=None, callback=None):
         """Prompt (B, T), left-padded when rows differ in length (attention_mask 0 on the pads), followed by up to
         max_new_tokens new tokens. A row that emits a stop id keeps repeating it while the others finish.
-        decode_one: an optional compiled `self.decode_one`; callback(tokens (B,)) sees each step as it is sampled."""
+        decode_one: an optional compiled `self.decode_one`; callback(tokens (B,)) sees each step as it is sampled.
+        The KV cache stays allocated for the next call (clear_caches() frees it)."""
         B, T = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        S = T + max_new_tokens
-        key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
+        S = self.setup_caches(B, T + max_new_tokens)
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)  # slots past the prompt: masked by causality
         key_valid[:, :T] = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        self.setup_caches(B, S)
         stop = torch.tensor(stop_ids or [], dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         out = [input_ids]
@@ -355,7 +364,6 @@ class ArtemisVLM(nn.Module):
                 break
             input_pos = torch.tensor([T + i], device=dev)
             logits = (decode_one or self.decode_one)(tok[:, None], nxt_pos + i, input_pos, key_valid)
-        self.clear_caches()
         return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------------------------------

@@ -216,6 +216,25 @@ def test_cached_generation_equals_uncached(tmp_path, window):
             assert torch.equal(model.generate(row, 10, temperature=0)[0, -10:], want[i, -10:])
 
 
+def test_compiled_decode_is_captured_once(tmp_path, monkeypatch):
+    """One capture of decode_one serves every token of prompts of different lengths (the cache is reused, so
+    its shapes never change), and gives the eager tokens."""
+    _, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": 6})
+    model = ArtemisVLM.from_pretrained(path).eval()
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    step = torch.compile(model.decode_one, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for T, n in ((7, 12), (19, 5), (3, 30)):
+            ids = torch.randint(30, 90, (1, T), generator=g)
+            want = model.generate(ids, n, temperature=0)
+            assert torch.equal(model.generate(ids, n, temperature=0, decode_one=step), want)
+    assert model.language_model.model.layers[0].self_attn.kv_cache.k.shape[2] == 256
+    model.clear_caches()
+    assert model.language_model.model.layers[0].self_attn.kv_cache is None
+
+
 def test_generation_sees_the_image_and_stops(tmp_path):
     ref, path = artemis_reference(tmp_path)
     model = ArtemisVLM.from_pretrained(path).eval()
