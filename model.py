@@ -234,6 +234,49 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum") without keeping an (n, vocab) tensor: rows
+    go a chunk at a time, and each chunk's gradients are computed as soon as its logits are, in the forward pass, so
+    the backward pass only scales them. With a 131072-token vocabulary the fp32 logits, their softmax and its
+    gradient would otherwise be the largest tensors of a training step."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, grad_enabled):  # h (n, d), w (vocab, d), targets (n,)
+        need_h, need_w = (grad_enabled and n for n in ctx.needs_input_grad[:2])  # needs_input_grad ignores no_grad
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(w) if need_w else None
+        loss = torch.zeros((), device=h.device)
+        c = max(1, 2**24 // len(w))  # rows per chunk: 64 MiB of fp32 logits (128 rows of a 131072-token vocabulary)
+        for i in range(0, len(h), c):  # a function per chunk: its (c, vocab) tensor is gone before the next one's
+            loss += LinearCrossEntropy.chunk(h[i:i + c], w, targets[i:i + c], gh[i:i + c] if need_h else None, gw,
+                                             need_h or need_w)
+        ctx.grads = gh, gw  # not save_for_backward: dropped below, so autograd can adopt gw as w.grad, not copy it
+        return loss
+
+    @staticmethod
+    def chunk(x, w, t, gx, gw, need_grad):
+        """One chunk's summed loss; its gradient goes into gx (its rows of h's) and is added to gw."""
+        z = (x @ w.T).float()  # (c, vocab) logits
+        target = z.gather(1, t[:, None])  # (c, 1)
+        top = z.amax(-1, keepdim=True)  # (c, 1)
+        e = z.sub_(top).exp_()  # exp(z - max), in place of the logits: no second (c, vocab) tensor
+        total = e.sum(-1, keepdim=True)  # (c, 1)
+        if need_grad:
+            g = e.div_(total)  # softmax
+            g[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits
+            g = g.to(x.dtype)
+            if gx is not None:
+                torch.mm(g, w, out=gx)  # (c, d)
+            if gw is not None:
+                gw.addmm_(g.T, x)  # (vocab, d), summed over the chunks
+        return (top + total.log() - target).sum()  # logsumexp(z) - z[target]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gh, gw), ctx.grads = ctx.grads, None
+        return None if gh is None else gh.mul_(grad), None if gw is None else gw.mul_(grad), None, None
+
+
 class ArtemisVLM(nn.Module):
     def __init__(self, config: ArtemisConfig):
         super().__init__()
@@ -262,7 +305,7 @@ class ArtemisVLM(nn.Module):
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, labels=None, attention_mask=None):
         """Returns (logits, loss) like nanoGPT. Without labels: logits (B, T, vocab), loss None. With labels
         (-100 = ignored, shifted here): the mean cross-entropy over the labelled tokens, and logits None,
-        because the head runs only on labelled positions: (B*T, 131072) logits are never materialised."""
+        because the head runs only on labelled positions, a chunk at a time: (B*T, 131072) logits never exist."""
         T = input_ids.shape[1]
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -276,8 +319,12 @@ class ArtemisVLM(nn.Module):
             return self.language_model.lm_head(h), None
         targets = labels[:, 1:]
         keep = targets != -100
-        logits = self.language_model.lm_head(h[:, :-1][keep])  # (n_labelled, vocab)
-        return None, F.cross_entropy(logits.float(), targets[keep])
+        h, targets = h[:, :-1][keep], targets[keep]  # (n_labelled, d_text), (n_labelled,)
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # what F.linear would use
+        with torch.autocast(dev, enabled=False):
+            w = self.language_model.lm_head.weight.to(dt)  # (vocab, d_text)
+            return None, LinearCrossEntropy.apply(h.to(dt), w, targets, torch.is_grad_enabled()) / len(targets)
 
     def set_training_stage(self, stage, vision_top_n=0):
         """artemis-vlm's recipe: stage1 trains the projector; stage2 adds the decoder; the vision tower stays
@@ -294,6 +341,15 @@ class ArtemisVLM(nn.Module):
             block.requires_grad_(True)
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def flops_per_token(self, T):
+        """Decoder FLOPs per trained token at sequence length T: 2N forward and 2N to carry gradients back to the
+        image embeddings, plus 2N for the weight gradients of the trainable decoder parameters only (stage2)."""
+        c, lm = self.config.text, self.language_model
+        n = sum(p.numel() for p in lm.parameters())  # a tied table counts once: as the head's matmul
+        n -= 0 if c.tie_word_embeddings else lm.model.embed_tokens.weight.numel()  # the lookup is not a matmul
+        n_train = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+        return 4 * n + 2 * n_train + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
 
     # ------------------------------------------------------------------------------------------
     # generation
@@ -332,6 +388,21 @@ class ArtemisVLM(nn.Module):
         mask = causal_mask(input_pos, key_valid.shape[1], key_valid, self.config.text.sliding_window)
         h = self.language_model(x, pos, mask, input_pos)
         return self.language_model.lm_head(h[:, -1])
+
+    def compile_decode(self):
+        """decode_one compiled for inference on the model's device. CUDA: CUDA graphs, one launch per token. CPU:
+        the weights are frozen into the graph so inductor packs them for its own GEMM kernels (max-autotune), which
+        stream them at close to memory bandwidth where MKL's gemv on (out, in) weights reaches about a third.
+        Frozen means baked in: compile again after the weights change."""
+        if self.language_model.lm_head.weight.is_cuda:
+            return torch.compile(self.decode_one, mode="reduce-overhead", fullgraph=True)
+        step = torch.compile(self.decode_one, fullgraph=True)
+
+        def decode_one(*args):  # the patch must be active at the first call, when inductor compiles
+            with torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
+                                              max_autotune_report_choices_stats=False):  # quiet: stdout is the text
+                return step(*args)
+        return decode_one
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, pixel_values=None,

@@ -97,7 +97,7 @@ if T + max_new_tokens > ctx:
 pixels = inputs.get("pixel_values")
 pixels = None if pixels is None else pixels.to(device)
 grid = inputs.get("image_grid_thw")
-decode_one = torch.compile(model.decode_one, mode="reduce-overhead", fullgraph=True) if compile else model.decode_one
+decode_one = model.compile_decode() if compile else model.decode_one
 torch.manual_seed(seed)
 
 

@@ -279,16 +279,6 @@ def get_lr(it):
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def flops_per_token(T):
-    """Decoder FLOPs per trained token: 2N forward and 2N to carry gradients back to the image embeddings, plus
-    2N for the weight gradients of the trainable decoder parameters only (stage2)."""
-    c = model.config.text
-    n = sum(p.numel() for p in model.language_model.parameters())
-    n -= model.language_model.model.embed_tokens.weight.numel()  # a lookup, not a matmul
-    n_train = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
-    return 4 * n + 2 * n_train + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
-
-
 def save_checkpoint():
     """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once."""
     sd = model.state_dict()
@@ -403,7 +393,7 @@ while True:
         dt = time.time() - t0
         n, t0, last_log = iter_num + 1 - last_log, time.time(), iter_num + 1  # steps since the last log line
         tok_s = n_tokens * world * n / dt
-        mfu = None if device_type != "cuda" else flops_per_token(T) * tok_s / (peak_flops * world)
+        mfu = None if device_type != "cuda" else model.flops_per_token(T) * tok_s / (peak_flops * world)
         if master:
             print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, "
                   f"{dt * 1000 / n:.0f} ms/iter, {n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s"

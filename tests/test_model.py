@@ -216,14 +216,44 @@ def test_cached_generation_equals_uncached(tmp_path, window):
             assert torch.equal(model.generate(row, 10, temperature=0)[0, -10:], want[i, -10:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_the_full_logits_loss(tmp_path, dtype):
+    """forward(labels=...) runs the head a chunk of positions at a time, gradients computed on the way; the loss and every
+    gradient equal those of the plain cross-entropy over the full logits, in fp32 and under bf16 autocast."""
+    _, path = artemis_reference(tmp_path, {**TEXT, "vocab_size": 131072})  # chunks of 128 rows
+    model = ArtemisVLM.from_pretrained(path).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(30, 90, (2, 300), generator=g)
+    labels = ids.clone()
+    labels[0, :20] = -100  # 579 labelled targets: five chunks, the last partial
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        _, loss = model(ids, labels=labels)
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with autocast:
+        logits, _ = model(ids)
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    want.backward()
+    assert torch.allclose(loss, want, rtol=1e-6, atol=0)
+    assert got.keys() == {k for k, p in model.named_parameters() if p.grad is not None} and len(got) > 10
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the chunks' gradient sums round differently
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert got[k].dtype == p.dtype and (got[k] - p.grad).norm() <= tol * p.grad.norm(), k
+    with torch.no_grad(), autocast:  # eval: the same loss, no gradients prepared
+        assert torch.allclose(model(ids, labels=labels)[1], want, rtol=1e-6, atol=0)
+
+
 def test_compiled_decode_is_captured_once(tmp_path, monkeypatch):
-    """One capture of decode_one serves every token of prompts of different lengths (the cache is reused, so
-    its shapes never change), and gives the eager tokens."""
+    """One compilation of decode_one (the CPU recipe: inductor, frozen weights) serves every token of prompts of
+    different lengths (the cache is reused, so its shapes never change), and gives the eager tokens."""
     _, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": 6})
     model = ArtemisVLM.from_pretrained(path).eval()
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    step = torch.compile(model.decode_one, backend="eager", fullgraph=True)
+    step = model.compile_decode()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for T, n in ((7, 12), (19, 5), (3, 30)):
