@@ -1,0 +1,320 @@
+"""
+Speed and memory of this implementation beside the reference stack (transformers + artemis-vlm), as one table.
+
+    python bench.py                                  # CPU: the 'small' preset, against the reference if installed
+    python bench.py --preset=tiny --only=decode,train
+    python bench.py --preset=a3 --n_layer=8          # GPU: A2 (Mistral-Nemo 12B) + Qwen3-VL-2B vision shapes
+
+Both stacks get the same random weights (copied in memory) and the same inputs, in this one process. A time is
+the median of `repeat` runs after one warmup run. Decode tokens/s is batch x (n - 1) / (time(n new tokens) -
+time(1 new token)): the prefill is excluded. Training steps are forward + backward on a fixed batch, weights in
+`dtype`. Peak memory is the model's parameters plus the most the step allocates above what was resident before it
+(CUDA: the caching allocator's peak; CPU: the process's resident-set high-water mark, reset before the step).
+Prints the table; writes nothing.
+"""
+import ctypes
+import gc
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models
+
+from model import ArtemisConfig, ArtemisVLM, TextConfig
+from processor import CLIP_MEAN, CLIP_STD, Processor
+from vision import VisionConfig
+
+# -----------------------------------------------------------------------------
+preset = "a3" if torch.cuda.is_available() else "small"  # 'tiny' | 'small' (CPU) | 'a3' (the real shapes)
+n_layer = 0  # decoder layers; 0: the preset's (a3 has 40: fewer fit a 12B beside its reference copy)
+only = ""  # comma-separated subset of processor,vision,prefill,decode,train; '': all
+reference = True  # also run transformers + artemis-vlm (when installed) on the same weights and inputs
+compile = True  # also time a torch.compile'd decode step (CUDA: with CUDA graphs)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = ""  # '': bfloat16 on CUDA, float32 on CPU
+batch_size = 0  # training rows per step; 0: the preset's
+new_tokens = 32  # decode length
+repeat = 5
+peak_flops = 989e12 if torch.cuda.is_available() else 0.0  # for MFU (H100 SXM dense bf16); 0: no MFU
+seed = 0
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# -----------------------------------------------------------------------------
+
+PRESETS = {  # decoder, vision tower, and one training row: image side (px), prompt and answer tokens
+    "tiny": dict(text=dict(vocab_size=131072, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64),
+                 image=224, prompt=16, answer=48, batch=4),
+    "small": dict(text=dict(vocab_size=131072, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=2, head_dim=64),
+                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512),
+                  image=384, prompt=16, answer=96, batch=4),
+    "a3": dict(text=dict(vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,  # A2
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                         rope_theta=1e6),
+               vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,  # Qwen3-VL-2B
+                           out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17]),
+               image=512, prompt=16, answer=128, batch=2),
+}
+if preset not in PRESETS:
+    raise SystemExit(f"error: --preset={preset!r}, expected one of {', '.join(PRESETS)}")
+sections = set(only.split(",")) if only else {"processor", "vision", "prefill", "decode", "train"}
+if sections - {"processor", "vision", "prefill", "decode", "train"}:
+    raise SystemExit(f"error: --only={only!r}, expected a comma-separated subset of processor,vision,prefill,decode,train")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise SystemExit(f"error: --device={device}: CUDA is not available here")
+cuda = device.startswith("cuda")
+ptdtype = getattr(torch, dtype or ("bfloat16" if cuda else "float32"))
+P = PRESETS[preset]
+batch_size = batch_size or P["batch"]
+IMG = 22  # <|image_pad|>
+if reference:
+    try:
+        from artemis_vlm import ArtemisVLMConfig, ArtemisVLMForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError as e:
+        print(f"reference stack not installed ({e}); timing this implementation only")
+        reference = False
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(fn, n=None):
+    """Median seconds of n (default `repeat`) calls after one warmup call."""
+    fn()
+    ts = []
+    for _ in range(n or repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _rss(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def peak_bytes(fn, params):
+    """Parameter bytes plus the most fn allocates above what is resident when it starts; None where unmeasurable."""
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return params + torch.cuda.max_memory_allocated() - base
+    try:  # give freed heap back to the OS, then restart the kernel's high-water mark from the current size
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks above 64 KiB mapped, so a freed one leaves the RSS at once
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss("VmRSS")
+    except OSError:  # not Linux with glibc
+        return None
+    fn()
+    return params + _rss("VmHWM") - base
+
+
+def param_bytes(m):
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+# models -------------------------------------------------------------------------------------------------------
+text = dict(P["text"], sliding_window=None, tie_word_embeddings=False)
+if n_layer:
+    text["num_hidden_layers"] = n_layer
+config = ArtemisConfig(TextConfig(**text), VisionConfig(**P["vision"], num_position_embeddings=2304), IMG)
+torch.manual_seed(seed)
+torch.set_default_dtype(ptdtype)  # built in the bench dtype on the device: a 12B never exists in fp32
+with torch.device(device):
+    model = ArtemisVLM(config).eval()
+torch.set_default_dtype(torch.float32)
+ref = None
+if reference and sections - {"processor"}:
+    torch.set_default_dtype(ptdtype)
+    with torch.device(device):
+        ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval()
+    torch.set_default_dtype(torch.float32)
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".deepstack_merger_list." not in k for k in missing):
+        raise SystemExit(f"error: weights do not map onto the reference: {(missing + unexpected)[:3]}")
+    ref.generation_config.update(eos_token_id=None, pad_token_id=0)  # random weights: always n new tokens
+
+c = config.text
+n_dec = sum(p.numel() for p in model.language_model.parameters())
+print(f"bench: {device} ({torch.get_num_threads()} threads)" if not cuda else f"bench: {torch.cuda.get_device_name()}",
+      f"torch {torch.__version__}, {str(ptdtype).removeprefix('torch.')}, preset {preset}: decoder "
+      f"{c.num_hidden_layers} x {c.hidden_size} ({n_dec / 1e6:.0f}M, vocab {c.vocab_size}), vision "
+      f"{config.vision.depth} x {config.vision.hidden_size}" + (", reference: transformers + artemis-vlm" if ref else ""))
+
+# inputs: one row = [bos, prompt/2, image pads, prompt/2, answer]; labels only on the answer
+g = torch.Generator().manual_seed(seed)
+side = P["image"] // config.vision.patch_size
+n_img = side * side // config.vision.spatial_merge_size ** 2
+half = P["prompt"] // 2
+
+
+def rows(n, answer=True):
+    body = lambda k: torch.randint(100, c.vocab_size, (n, k), generator=g)  # noqa: E731
+    parts = [torch.ones(n, 1, dtype=torch.long), body(half), torch.full((n, n_img), IMG), body(half)]
+    ids = torch.cat(parts + ([body(P["answer"])] if answer else []), 1).to(device)
+    pixels = torch.randn(n * side * side, config.vision.in_channels * config.vision.temporal_patch_size
+                         * config.vision.patch_size ** 2, generator=g).to(device, ptdtype)
+    grid = torch.tensor([[1, side, side]] * n, device=device)
+    return ids, pixels, grid
+
+
+results = []  # (what, ours, theirs, unit, higher_is_better, note)
+
+
+def row(what, ours, theirs, unit, higher=True, note=""):
+    results.append((what, ours, theirs, unit, higher, note))
+
+
+# processor ----------------------------------------------------------------------------------------------------
+if "processor" in sections:
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
+    tok.add_special_tokens(["<|image_pad|>"])
+    proc = Processor(tok, special_tokens={"eos_token": "</s>"})
+    rng = np.random.default_rng(seed)
+    sizes = [(640, 480), (480, 640), (500, 375), (800, 600), (1024, 768), (512, 512), (640, 427), (375, 500)] * 2
+    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    ours = len(photos) / timed(lambda: proc.preprocess(photos), 4 * repeat)  # cheap, and noisy on a shared machine
+    theirs = None
+    if reference:
+        hf = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=proc.min_pixels,
+                                      max_pixels=proc.max_pixels, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+        theirs = len(photos) / timed(lambda: hf(images=photos, return_tensors="pt"), 4 * repeat)
+        if not torch.equal(proc.preprocess(photos)[0], hf(images=photos, return_tensors="pt")["pixel_values"]):
+            print("warning: processor outputs differ from the reference")
+    row(f"processor, {len(photos)} photos 375-1024 px", ours, theirs, "img/s")
+
+# vision tower -------------------------------------------------------------------------------------------------
+if "vision" in sections:
+    _, pixels, grid = rows(batch_size)
+    with torch.inference_mode():
+        ours = batch_size / timed(lambda: model.visual(pixels, grid))
+        theirs = ref and batch_size / timed(lambda: ref.visual(pixels, grid_thw=grid))
+    row(f"vision tower, {batch_size} images {P['image']} px", ours, theirs, "img/s")
+
+# prefill: one image + prompt into the cache, the last position's logits -------------------------------------------
+if "prefill" in sections:
+    ids, pixels, grid = rows(1, answer=False)
+    T = ids.shape[1]
+
+    def our_prefill():
+        S = model.setup_caches(1, T + new_tokens)
+        key_valid = torch.ones(1, S, dtype=torch.bool, device=device)
+        model.prefill(ids, torch.arange(T, device=device)[None], key_valid, pixels, grid)
+
+    with torch.inference_mode():
+        ours = timed(our_prefill) * 1e3
+        theirs = ref and timed(lambda: ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
+                                           logits_to_keep=1)) * 1e3
+    row(f"prefill, 1 image + {P['prompt']} tokens (T={T})", ours, theirs, "ms", higher=False)
+
+# decode: batch 1 and 8, greedy ------------------------------------------------------------------------------------
+if "decode" in sections:
+    ids1, pixels1, grid1 = rows(1, answer=False)
+    step = model.compile_decode() if compile else None
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize
+    weight_bytes = param_bytes(model.language_model) - param_bytes(model.language_model.model.embed_tokens)
+    for B in (1, 8):
+        ids, pixels, grid = ids1.repeat(B, 1), pixels1.repeat(B, 1), grid1.repeat(B, 1)
+
+        def rate(gen):
+            with torch.inference_mode():
+                t1, tn = timed(lambda: gen(1)), timed(lambda: gen(new_tokens))
+            return B * (new_tokens - 1) / (tn - t1)
+
+        eager = rate(lambda n: model.generate(ids, n, temperature=0, pixel_values=pixels, image_grid_thw=grid))
+        theirs = ref and rate(lambda n: ref.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                                                     max_new_tokens=n, do_sample=False))
+        row(f"decode, batch {B}, eager (reference: generate())", eager, theirs, "tok/s")
+        compiled = None
+        if step is not None:
+            try:
+                compiled = rate(lambda n: model.generate(ids, n, temperature=0, pixel_values=pixels,
+                                                         image_grid_thw=grid, decode_one=step))
+                row(f"decode, batch {B}, compiled (reference: generate())", compiled, theirs, "tok/s")
+            except Exception as e:  # no C++ compiler, an unsupported op: report it and go on
+                print(f"compiled decode failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                step = None
+        model.clear_caches()
+        if B == 1:  # batch 1 reads every weight once per token: memory bandwidth is the bound
+            n = 2**28 // ptdtype.itemsize
+            x, y = torch.ones(n, dtype=ptdtype, device=device), torch.ones(n, dtype=ptdtype, device=device)  # touched
+            bw = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))  # read + write bytes per second
+            del x, y
+            per_token = weight_bytes + kv_bytes * (ids.shape[1] + new_tokens // 2)
+            best = max(r for r in (eager, compiled) if r)
+            bandwidth_note = (f"decode, batch 1: {best * per_token / 1e9:.1f} GB/s of a measured {bw / 1e9:.1f} GB/s "
+                              f"copy bandwidth = {100 * best * per_token / bw:.0f}% of the bound "
+                              f"({bw / per_token:.1f} tok/s at {per_token / 1e9:.2f} GB read per token)")
+
+# training steps: forward + backward -------------------------------------------------------------------------------
+if "train" in sections:
+    ids, pixels, grid = rows(batch_size)
+    labels = ids.clone()
+    labels[:, :-P["answer"]] = -100  # the prompt and the image: no loss
+    mask = torch.ones_like(ids)
+    T = ids.shape[1]
+
+    def ours_step():
+        _, loss = model(ids, pixels, grid, labels=labels, attention_mask=mask)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def ref_step():
+        ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, labels=labels).loss.backward()
+        ref.zero_grad(set_to_none=True)
+
+    stacks = [(model, ours_step)] + ([(ref, ref_step)] if ref is not None else [])
+    times, mems = {}, {}
+    for measure, out in ((timed, times), (peak_bytes, mems)):  # every time first: peak_bytes changes malloc's settings
+        for stage in ("stage1", "stage2"):
+            for m, step in stacks:
+                m.train().set_training_stage(stage)
+                try:
+                    out[stage, m] = measure(step) if measure is timed else measure(step, param_bytes(m))
+                except torch.OutOfMemoryError:  # a 12B stage 2 beside its reference copy: pass fewer --n_layer
+                    print(f"{stage}: out of memory in {'ours' if m is model else 'the reference'}")
+                    m.zero_grad(set_to_none=True)
+                m.eval()
+    for stage in ("stage1", "stage2"):
+        t, t_ref = times.get((stage, model)), times.get((stage, ref))
+        if t is None:
+            continue
+        model.set_training_stage(stage)
+        note = f"; ours {batch_size / t:.2f} samples/s, {batch_size * T / t:,.0f} tok/s" + (
+            f", MFU {100 * model.flops_per_token(T) * batch_size * T / t / peak_flops:.1f}%" if peak_flops else "")
+        row(f"{stage} step, {batch_size} x {T} tokens ({P['answer']} labelled)", t * 1e3, t_ref and t_ref * 1e3, "ms",
+            higher=False, note=note)
+        mem, mem_ref = mems.get((stage, model)), mems.get((stage, ref))
+        row(f"{stage} step peak memory", mem and mem / 2**20, mem_ref and mem_ref / 2**20, "MiB", higher=False)
+
+# table --------------------------------------------------------------------------------------------------------
+print(f"\n| what | ours | reference | ours vs reference |\n|---|---|---|---|")
+for what, ours, theirs, unit, higher, note in results:
+    fmt = lambda v: "-" if v is None else f"{v:,.1f} {unit}" if v < 100 else f"{v:,.0f} {unit}"  # noqa: E731
+    if ours is None or not theirs:
+        ratio = "-"
+    elif unit == "MiB":
+        ratio = f"{ours / theirs:.2f}x the memory"
+    else:
+        ratio = f"{ours / theirs if higher else theirs / ours:.2f}x faster"
+    print(f"| {what}{note} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+if "decode" in sections:
+    print(f"\n{bandwidth_note}")
