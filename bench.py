@@ -8,15 +8,17 @@ Speed and memory of this implementation beside the reference stack (transformers
 Both stacks get the same random weights (copied in memory) and the same inputs, in this one process. A time is
 the median of `repeat` runs after one warmup run. Decode tokens/s is batch x (n - 1) / (time(n new tokens) -
 time(1 new token)): the prefill is excluded. Training steps are forward + backward on a fixed batch, weights in
-`dtype`. Peak memory is the model's parameters plus the most the step allocates above what was resident before it
-(CUDA: the caching allocator's peak; CPU: the process's resident-set high-water mark, reset before the step).
+`dtype`. Peak memory is the model's parameters plus the most tensor memory the step holds above what was allocated
+before it (CUDA: the caching allocator's peak; CPU: the profiler's memory timeline).
 Prints the table; writes nothing.
 """
-import ctypes
 import gc
+import json
 import os
 import statistics
+import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -98,13 +100,10 @@ def timed(fn, n=None):
     return statistics.median(ts)
 
 
-def _rss(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
 def peak_bytes(fn, params):
-    """Parameter bytes plus the most fn allocates above what is resident when it starts; None where unmeasurable."""
+    """Parameter bytes plus the most tensor memory fn holds above what was allocated when it started: the CUDA
+    allocator's peak on a GPU; on a CPU the same quantity from the profiler's memory timeline (the process's
+    resident size would add what malloc keeps after a free)."""
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -114,17 +113,17 @@ def peak_bytes(fn, params):
         fn()
         torch.cuda.synchronize()
         return params + torch.cuda.max_memory_allocated() - base
-    try:  # give freed heap back to the OS, then restart the kernel's high-water mark from the current size
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks above 64 KiB mapped, so a freed one leaves the RSS at once
-        libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss("VmRSS")
-    except OSError:  # not Linux with glibc
-        return None
-    fn()
-    return params + _rss("VmHWM") - base
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA, CPU's only one
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                    record_shapes=True, with_stack=True) as prof:
+            torch.zeros(1)  # the timeline starts at its first event: before fn allocates anything
+            fn()
+        prof.export_memory_timeline(os.path.join(d, "memory.json"), device="cpu")
+        with open(os.path.join(d, "memory.json")) as f:
+            _, sizes = json.load(f)  # bytes per category at each event
+    total = [sum(s) for s in sizes]
+    return params + max(total) - total[0]
 
 
 def param_bytes(m):
@@ -283,7 +282,7 @@ if "train" in sections:
 
     stacks = [(model, ours_step)] + ([(ref, ref_step)] if ref is not None else [])
     times, mems = {}, {}
-    for measure, out in ((timed, times), (peak_bytes, mems)):  # every time first: peak_bytes changes malloc's settings
+    for measure, out in ((timed, times), (peak_bytes, mems)):  # every time first: the profiler slows what it watches
         for stage in ("stage1", "stage2"):
             for m, step in stacks:
                 m.train().set_training_stage(stage)
