@@ -248,20 +248,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=h.device)
         c = max(1, 2**24 // len(w))  # rows per chunk: 64 MiB of fp32 logits (128 rows of a 131072-token vocabulary)
         for i in range(0, len(h), c):  # a function per chunk: its (c, vocab) tensor is gone before the next one's
-            loss += LinearCrossEntropy.chunk(h[i:i + c], w, targets[i:i + c], gh[i:i + c] if need_h else None, gw,
-                                             need_h or need_w)
+            loss += LinearCrossEntropy.chunk(h[i:i + c], w, targets[i:i + c], gh[i:i + c] if need_h else None, gw)
         ctx.grads = gh, gw  # not save_for_backward: dropped below, so autograd can adopt gw as w.grad, not copy it
         return loss
 
     @staticmethod
-    def chunk(x, w, t, gx, gw, need_grad):
-        """One chunk's summed loss; its gradient goes into gx (its rows of h's) and is added to gw."""
+    def chunk(x, w, t, gx, gw):
+        """One chunk's summed loss; its gradient goes into gx (its rows of h's) and is added to gw, where given."""
         z = (x @ w.T).float()  # (c, vocab) logits
         target = z.gather(1, t[:, None])  # (c, 1)
         top = z.amax(-1, keepdim=True)  # (c, 1)
         e = z.sub_(top).exp_()  # exp(z - max), in place of the logits: no second (c, vocab) tensor
         total = e.sum(-1, keepdim=True)  # (c, 1)
-        if need_grad:
+        if gx is not None or gw is not None:
             g = e.div_(total)  # softmax
             g[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits
             g = g.to(x.dtype)

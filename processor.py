@@ -227,10 +227,9 @@ class Processor:
         if self.pad_id is None:
             raise ValueError("special_tokens: need a pad_token or eos_token that the tokenizer knows")
         self.stop_ids = list(dict.fromkeys(i for i in (eos, tokenizer.token_to_id("<|im_end|>")) if i is not None))
-        # float32 (1, 3, 1, 1, 1): float32 x/255 equals transformers' float64 rescale cast to float32 for all 256
-        # uint8 values, so with float32 (x-mean)/std the pixel values come out bit-identical
-        self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
-        self._std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1, 1)
+        # float32 (3, 1, 1, 1): float32 x/255 equals transformers' float64 rescale cast to float32 for all 256 uint8
+        # values, so with float32 (x-mean)/std the pixel values come out bit-identical
+        self._mean, self._std = (np.array(v, np.float32).reshape(3, 1, 1, 1) for v in (image_mean, image_std))
 
     @classmethod
     def from_pretrained(cls, path, min_pixels=None, max_pixels=None):
@@ -342,23 +341,21 @@ class Processor:
         grid = torch.tensor([(1, h // P, w // P) for h, w in map(self._size, images)], dtype=torch.long).view(-1, 3)
         ends = grid.prod(-1).cumsum(0).tolist()
         out = np.empty((ends[-1] if ends else 0, 3, T, P, P), np.float32)
-        mean, std = (np.array(v, np.float32).reshape(3, 1, 1, 1) for v in (self.image_mean, self.image_std))
 
         def one(k):  # image k -> its rows of out
             (_, gh, gw), n = grid[k].tolist(), ends[k] - (ends[k - 1] if k else 0)
             x = np.asarray(self.resize(images[k]))  # (H, W, 3) uint8
             x = x.reshape(gh // m, m, P, gw // m, m, P, 3).transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, 3, P, P)
             y = np.divide(x.reshape(n, 3, 1, P, P), np.float32(255), dtype=np.float32)  # the uint8 patchified first
-            np.subtract(y, mean, out=y)
-            np.divide(y, std, out=y)
+            np.subtract(y, self._mean, out=y)
+            np.divide(y, self._std, out=y)
             out[ends[k] - n:ends[k]] = y  # broadcast: the frame repeated on the temporal axis
 
         # PIL's resize and numpy's loops release the GIL, so images run side by side, one per intra-op thread (one in a
         # data loader worker, where torch keeps a single thread)
         with ThreadPoolExecutor(max(1, min(len(images), torch.get_num_threads()))) as pool:
             list(pool.map(one, range(len(images))))
-        out = torch.from_numpy(out)
-        return out.view(-1, 3 * T * P * P), grid  # (N, 3*T*P*P), (n, 3)
+        return torch.from_numpy(out).view(-1, 3 * T * P * P), grid  # (N, 3*T*P*P), (n, 3)
 
     # ---- text
 
