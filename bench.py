@@ -63,9 +63,10 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
 }
 if preset not in PRESETS:
     raise SystemExit(f"error: --preset={preset!r}, expected one of {', '.join(PRESETS)}")
-sections = set(only.split(",")) if only else {"processor", "vision", "prefill", "decode", "train"}
-if sections - {"processor", "vision", "prefill", "decode", "train"}:
-    raise SystemExit(f"error: --only={only!r}, expected a comma-separated subset of processor,vision,prefill,decode,train")
+SECTIONS = ("processor", "vision", "prefill", "decode", "train")
+sections = set(only.split(",")) if only else set(SECTIONS)
+if sections - set(SECTIONS):
+    raise SystemExit(f"error: --only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"error: --device={device}: CUDA is not available here")
 cuda = device.startswith("cuda")
@@ -100,10 +101,10 @@ def timed(fn, n=None):
     return statistics.median(ts)
 
 
-def peak_bytes(fn, params):
-    """Parameter bytes plus the most tensor memory fn holds above what was allocated when it started: the CUDA
-    allocator's peak on a GPU; on a CPU the same quantity from the profiler's memory timeline (the process's
-    resident size would add what malloc keeps after a free)."""
+def peak_bytes(fn):
+    """The most tensor memory fn holds above what was allocated when it started: the CUDA allocator's peak on a
+    GPU; on a CPU the same quantity from the profiler's memory timeline (the process's resident size would add
+    what malloc keeps after a free)."""
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -112,7 +113,7 @@ def peak_bytes(fn, params):
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return params + torch.cuda.max_memory_allocated() - base
+        return torch.cuda.max_memory_allocated() - base
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA, CPU's only one
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
@@ -123,7 +124,7 @@ def peak_bytes(fn, params):
         with open(os.path.join(d, "memory.json")) as f:
             _, sizes = json.load(f)  # bytes per category at each event
     total = [sum(s) for s in sizes]
-    return params + max(total) - total[0]
+    return max(total) - total[0]
 
 
 def param_bytes(m):
@@ -165,7 +166,7 @@ n_img = side * side // config.vision.spatial_merge_size ** 2
 half = P["prompt"] // 2
 
 
-def rows(n, answer=True):
+def inputs(n, answer=True):
     body = lambda k: torch.randint(100, c.vocab_size, (n, k), generator=g)  # noqa: E731
     parts = [torch.ones(n, 1, dtype=torch.long), body(half), torch.full((n, n_img), IMG), body(half)]
     ids = torch.cat(parts + ([body(P["answer"])] if answer else []), 1).to(device)
@@ -202,7 +203,7 @@ if "processor" in sections:
 
 # vision tower -------------------------------------------------------------------------------------------------
 if "vision" in sections:
-    _, pixels, grid = rows(batch_size)
+    _, pixels, grid = inputs(batch_size)
     with torch.inference_mode():
         ours = batch_size / timed(lambda: model.visual(pixels, grid))
         theirs = ref and batch_size / timed(lambda: ref.visual(pixels, grid_thw=grid))
@@ -210,7 +211,7 @@ if "vision" in sections:
 
 # prefill: one image + prompt into the cache, the last position's logits -------------------------------------------
 if "prefill" in sections:
-    ids, pixels, grid = rows(1, answer=False)
+    ids, pixels, grid = inputs(1, answer=False)
     T = ids.shape[1]
 
     def our_prefill():
@@ -226,7 +227,7 @@ if "prefill" in sections:
 
 # decode: batch 1 and 8, greedy ------------------------------------------------------------------------------------
 if "decode" in sections:
-    ids1, pixels1, grid1 = rows(1, answer=False)
+    ids1, pixels1, grid1 = inputs(1, answer=False)
     step = model.compile_decode() if compile else None
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize
     weight_bytes = param_bytes(model.language_model) - param_bytes(model.language_model.model.embed_tokens)
@@ -265,7 +266,7 @@ if "decode" in sections:
 
 # training steps: forward + backward -------------------------------------------------------------------------------
 if "train" in sections:
-    ids, pixels, grid = rows(batch_size)
+    ids, pixels, grid = inputs(batch_size)
     labels = ids.clone()
     labels[:, :-P["answer"]] = -100  # the prompt and the image: no loss
     mask = torch.ones_like(ids)
@@ -284,10 +285,10 @@ if "train" in sections:
     times, mems = {}, {}
     for measure, out in ((timed, times), (peak_bytes, mems)):  # every time first: the profiler slows what it watches
         for stage in ("stage1", "stage2"):
-            for m, step in stacks:
+            for m, fn in stacks:
                 m.train().set_training_stage(stage)
                 try:
-                    out[stage, m] = measure(step) if measure is timed else measure(step, param_bytes(m))
+                    out[stage, m] = measure(fn)
                 except torch.OutOfMemoryError:  # a 12B stage 2 beside its reference copy: pass fewer --n_layer
                     print(f"{stage}: out of memory in {'ours' if m is model else 'the reference'}")
                     m.zero_grad(set_to_none=True)
@@ -301,8 +302,9 @@ if "train" in sections:
             f", MFU {100 * model.flops_per_token(T) * batch_size * T / t / peak_flops:.1f}%" if peak_flops else "")
         row(f"{stage} step, {batch_size} x {T} tokens ({P['answer']} labelled)", t * 1e3, t_ref and t_ref * 1e3, "ms",
             higher=False, note=note)
-        mem, mem_ref = mems.get((stage, model)), mems.get((stage, ref))
-        row(f"{stage} step peak memory", mem and mem / 2**20, mem_ref and mem_ref / 2**20, "MiB", higher=False)
+        mem, mem_ref = ((mems[stage, m] + param_bytes(m)) / 2**20 if (stage, m) in mems else None  # with the weights
+                        for m in (model, ref))
+        row(f"{stage} step peak memory", mem, mem_ref, "MiB", higher=False)
 
 # table --------------------------------------------------------------------------------------------------------
 print(f"\n| what | ours | reference | ours vs reference |\n|---|---|---|---|")
