@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -43,6 +44,12 @@ repeat = 5
 peak_flops = 989e12 if torch.cuda.is_available() else 0.0  # for MFU (H100 SXM dense bf16); 0: no MFU
 seed = 0
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
 # -----------------------------------------------------------------------------
 
 PRESETS = {  # decoder, vision tower, and one training row: image side (px), prompt and answer tokens
@@ -62,13 +69,13 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
                image=512, prompt=16, answer=128, batch=2),
 }
 if preset not in PRESETS:
-    raise SystemExit(f"error: --preset={preset!r}, expected one of {', '.join(PRESETS)}")
+    die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
 SECTIONS = ("processor", "vision", "prefill", "decode", "train")
 sections = set(only.split(",")) if only else set(SECTIONS)
 if sections - set(SECTIONS):
-    raise SystemExit(f"error: --only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
+    die(f"--only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
 if device.startswith("cuda") and not torch.cuda.is_available():
-    raise SystemExit(f"error: --device={device}: CUDA is not available here")
+    die(f"--device={device}: CUDA is not available here")
 cuda = device.startswith("cuda")
 ptdtype = getattr(torch, dtype or ("bfloat16" if cuda else "float32"))
 P = PRESETS[preset]
@@ -149,7 +156,7 @@ if reference and sections - {"processor"}:
     torch.set_default_dtype(torch.float32)
     missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(".deepstack_merger_list." not in k for k in missing):
-        raise SystemExit(f"error: weights do not map onto the reference: {(missing + unexpected)[:3]}")
+        die(f"weights do not map onto the reference: {(missing + unexpected)[:3]}")
     ref.generation_config.update(eos_token_id=None, pad_token_id=0)  # random weights: always n new tokens
 
 c = config.text

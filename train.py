@@ -16,6 +16,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 
@@ -86,16 +87,23 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
+
+def die(msg):
+    """One line on stderr and exit status 2, as configurator.py, prepare.py and sample.py do."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 if dtype not in ("float32", "bfloat16"):  # float16 would need a GradScaler; bf16 does not
-    raise SystemExit(f"error: dtype={dtype!r}, expected 'float32' or 'bfloat16'")
+    die(f"dtype={dtype!r}, expected 'float32' or 'bfloat16'")
 if stage not in ("stage1", "stage2"):
-    raise SystemExit(f"error: stage={stage!r}, expected 'stage1' or 'stage2'")
+    die(f"stage={stage!r}, expected 'stage1' or 'stage2'")
 for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if globals()[k] < 1:
-        raise SystemExit(f"error: {k}={globals()[k]}, expected at least 1")
+        die(f"{k}={globals()[k]}, expected at least 1")
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 if fsdp and not ddp:
-    raise SystemExit("error: fsdp=True shards over processes: launch with torchrun --nproc_per_node=N")
+    die("fsdp=True shards over processes: launch with torchrun --nproc_per_node=N")
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
@@ -103,7 +111,7 @@ if ddp:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if gradient_accumulation_steps % world:
-        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
+        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
                          f"the {world} processes, so the global batch stays the same")
 else:
     rank, world = 0, 1
@@ -122,12 +130,12 @@ ckpt_dir = os.path.join(out_dir, "ckpt")
 
 # data -------------------------------------------------------------------------------------------------------------
 if not os.path.exists(os.path.join(dataset, "meta.json")):  # before a 12B model loads for nothing
-    raise SystemExit(f"error: dataset={dataset!r} is not a prepared dataset (no meta.json): run prepare.py first")
+    die(f"dataset={dataset!r} is not a prepared dataset (no meta.json): run prepare.py first")
 train_ds, val_ds = PreparedDataset(dataset, "train"), PreparedDataset(dataset, "val")
 steps_per_epoch = len(train_ds) // global_batch
 max_iters = max_iters or steps_per_epoch
 if steps_per_epoch == 0:
-    raise SystemExit(f"error: {dataset} has {len(train_ds)} training rows, fewer than one global batch "
+    die(f"{dataset} has {len(train_ds)} training rows, fewer than one global batch "
                      f"({global_batch} = batch_size x gradient_accumulation_steps)")
 warmup_iters = int(warmup_frac * max_iters)
 
@@ -172,16 +180,16 @@ def init_model():
             elif "norm" not in name:
                 torch.nn.init.zeros_(p)
     else:
-        raise SystemExit(f"error: init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
+        die(f"init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
     return model, processor, state
 
 
 try:
     model, processor, state = init_model()
 except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key or argument
-    raise SystemExit(f"error: init_from={init_from!r}: {e}")
+    die(f"init_from={init_from!r}: {e}")
 if processor.image_token_id != model.config.image_token_id:
-    raise SystemExit(f"error: the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
+    die(f"the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
                      f"image_token_id is {model.config.image_token_id}")
 n_trainable, n_total = model.set_training_stage(stage, vision_top_n)
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -313,10 +321,10 @@ if state is not None:
     changed = [k for k in ("dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage",
                            "warmup_frac", "vision_top_n") if was.get(k) != config[k]]
     if changed:  # the data order and the lr schedule are functions of these
-        raise SystemExit(f"error: resume with other {', '.join(changed)} than the run in {ckpt_dir} "
+        die(f"resume with other {', '.join(changed)} than the run in {ckpt_dir} "
                          f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
     if state["optimizer"] is None:
-        raise SystemExit(f"error: {ckpt_dir} was written by an fsdp run, which saves no optimizer state; start from "
+        die(f"{ckpt_dir} was written by an fsdp run, which saves no optimizer state; start from "
                          f"its weights with --init_from=pretrained --pretrained={ckpt_dir}")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -67,7 +67,7 @@ def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
         assert cut[it] == pytest.approx(full[it], abs=1e-6), it
     # another seed would silently change the data order: refused in one line
     p = train(tmp_path / "cut", data, *common, "--init_from=resume", "--seed=7", check=False)
-    assert p.returncode != 0 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,9 @@ def test_checkpoint_loads_in_artemis_vlm(tmp_path, data, tiny_ckpt):
 
 def test_bad_init_from_is_one_line(tmp_path, data):
     p = train(tmp_path, data, "--init_from=nowhere", check=False)
-    assert p.returncode != 0 and "init_from='nowhere'" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "init_from='nowhere'" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_missing_dataset_is_one_line(tmp_path):
     p = train(tmp_path, str(tmp_path / "nope"), "--init_from=scratch", check=False)
-    assert p.returncode != 0 and "is not a prepared dataset" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "is not a prepared dataset" in p.stderr and "Traceback" not in p.stderr
