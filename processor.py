@@ -441,10 +441,12 @@ class Processor:
             k = prompt.count(IMAGE_TOKEN)
             prompt, = self._expand([prompt], grid[:k] if k else None, f"collate: row {i} prompt")
             ids = torch.tensor(self.tokenizer.encode(full).ids)
+            start = len(self.tokenizer.encode(prompt).ids)
             target = torch.zeros(len(ids), dtype=torch.bool)
-            target[len(self.tokenizer.encode(prompt).ids):] = True  # the last turn, to the end: artemis-vlm's labels
+            target[start:] = True  # the last turn, to the end of the row: artemis-vlm's labels
             if train_on == "all":
-                for a, b in self._earlier_turns(msgs, ids.tolist(), grid, auto_detect_thinking, f"collate: row {i}"):
+                for a, b in self._earlier_turns(msgs, ids.tolist(), start, grid, auto_detect_thinking,
+                                                f"collate: row {i}"):
                     target[a:b] = True
             seqs.append(ids)
             labels.append(torch.where(target & (ids != self.image_token_id), ids, IGNORE))
@@ -457,15 +459,16 @@ class Processor:
             batch.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
         return batch
 
-    def _earlier_turns(self, msgs, ids, grid, auto_detect_thinking, where):
-        """Token spans [a, b) of the assistant turns before the last, from renders of the template: a turn's target
-        starts where the tokens of its generation prompt (the messages before it, add_generation_prompt=True) stop
-        agreeing with the full row's, and ends with its first end-of-turn token, where generation would stop."""
+    def _earlier_turns(self, msgs, ids, limit, grid, auto_detect_thinking, where):
+        """Token spans [a, b) of the assistant turns before the last (whose target starts at token limit), from renders
+        of the template: a turn's target starts where the tokens of its generation prompt (the messages before it,
+        add_generation_prompt=True) stop agreeing with the full row's, and ends with its first end-of-turn token,
+        where generation would stop."""
         # A prefix of a conversation need not render as a prefix of the whole: Qwen3 keeps reasoning only after the
         # last user query, so a tool chain's reasoning shows in the prompt of a turn inside it, and not in the full
         # text once a later question follows. So the comparison restarts after the prompt's last end-of-turn token,
         # matched by count in the full row.
-        stops = set(self.stop_ids)
+        stops, prev = set(self.stop_ids), 0
         ends = [t + 1 for t, x in enumerate(ids) if x in stops]
         for j in range(1, len(msgs) - 1):  # an assistant message that opens the conversation answers nothing
             msg = msgs[j]
@@ -479,17 +482,16 @@ class Processor:
             prompt, = self._expand([prompt], grid[:k] if k else None, where)
             q = self.tokenizer.encode(prompt).ids
             marks = [t + 1 for t, x in enumerate(q) if x in stops]
-            if len(marks) > len(ends):
-                raise ValueError(f"{where}: the chat template renders more end-of-turn tokens before assistant "
-                                 f"message {j} than in the whole conversation; use train_on='last'")
-            f, p = (ends[len(marks) - 1], marks[-1]) if marks else (0, 0)
-            a = f + next((n for n, (x, y) in enumerate(zip(ids[f:], q[p:])) if x != y), len(q) - p)
-            b = next((t for t in range(a, len(ids)) if ids[t] in stops), None)
-            if b is None:
-                raise ValueError(f"{where}: assistant message {j} renders with no end-of-turn token "
-                                 f"({', '.join(self.tokenizer.id_to_token(t) for t in self.stop_ids)}); "
-                                 "use train_on='last'")
-            yield a, b + 1
+            n = len(marks)
+            f, p = (ends[n - 1], marks[-1]) if 0 < n <= len(ends) else (0, 0)
+            a = f + next((c for c, (x, y) in enumerate(zip(ids[f:], q[p:])) if x != y), len(q) - p)
+            b = next((t for t in range(a, limit) if ids[t] in stops), None)
+            if n > len(ends) or b is None or a < prev:  # no end-of-turn token, or renders that disagree
+                names = ", ".join(self.tokenizer.id_to_token(t) for t in self.stop_ids)
+                raise ValueError(f"{where}: assistant message {j} is not a span of the rendered conversation that ends "
+                                 f"with an end-of-turn token ({names}) before the last turn; use train_on='last'")
+            prev = b + 1
+            yield a, prev
 
     def decode(self, ids, skip_special_tokens=True):
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)

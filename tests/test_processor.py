@@ -458,8 +458,8 @@ def test_bad_inputs_raise(ckpt, images, tmp_path):
     plain = Processor(build_tokenizer(), "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                       "{% if add_generation_prompt %}assistant: {% endif %}", {"eos_token": "</s>"})
     two = [{"messages": conversations(images)[2][0]}]  # two assistant turns, neither closed by a stop token
-    with pytest.raises(ValueError, match=r"collate: row 0: assistant message 1 renders with no end-of-turn token "
-                                         r"\(</s>, <\|im_end\|>\); use train_on='last'"):
+    with pytest.raises(ValueError, match=r"collate: row 0: assistant message 1 is not a span .* end-of-turn token "
+                                         r"\(</s>, <\|im_end\|>\) before the last turn; use train_on='last'"):
         plain.collate(two)
     assert (plain.collate(two, train_on="last")["labels"] != -100).sum() > 0
     with pytest.raises(ValueError, match="tokenizer: <\\|image_pad\\|> must be one added token"):
