@@ -209,9 +209,9 @@ def test_collate_matches_artemis(ckpt, ref_tok, images, auto, train_on):
             {"messages": caption, "images": [images["rgba"]]}, {"messages": text, "images": []}]
     p = Processor.from_pretrained(ckpt, max_pixels=128 * 128)
     ref = ArtemisDataCollator(reference_processor(ref_tok, max_pixels=128 * 128), auto_detect_thinking=auto)
-    # "last" is artemis-vlm's collator on any row; "all" on rows of one assistant turn
+    # "last" is artemis-vlm's collator on any row, "all" on rows of one assistant turn: mixed, text only, one image row
     batches = (rows, rows[2:3] + rows[5:], rows[:1]) if train_on == "last" else (rows[:1] + rows[3:5], rows[:1])
-    for batch in batches:  # mixed, text only, one image row
+    for batch in batches:
         got, want = p.collate(batch, auto_detect_thinking=auto, train_on=train_on), ref(batch)
         assert sorted(got) == sorted(want)
         for k in ("input_ids", "attention_mask", "labels", "image_grid_thw"):
@@ -242,7 +242,8 @@ def multi_turn(images):
     call = lambda city: {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
     called = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
     ask = {"role": "user", "content": "Weather in Paris?"}
-    chain = [ask, {"role": "assistant", "content": "", "reasoning_content": "Need the tool.", "tool_calls": [call("Paris")]},
+    chain = [ask, {"role": "assistant", "content": "", "reasoning_content": "Need the tool.",
+                   "tool_calls": [call("Paris")]},
              {"role": "tool", "content": '{"temp": 21}'},
              {"role": "assistant", "content": "<think>\nIt says 21.\n</think>\n\n21 °C."}]
     return {
@@ -256,8 +257,9 @@ def multi_turn(images):
             {"role": "user", "content": "What color is it?"},
             {"role": "assistant", "content": "Orange and gray, with dark stripes."},
             {"role": "user", "content": "Is it asleep?"}, {"role": "assistant", "content": "No, its eyes are open."}],
-            [images["chelsea"]], ["A cat lying on a wooden floor.<|im_end|>",
-                                  "Orange and gray, with dark stripes.<|im_end|>", "No, its eyes are open.<|im_end|>\n"]),
+            [images["chelsea"]],
+            ["A cat lying on a wooden floor.<|im_end|>", "Orange and gray, with dark stripes.<|im_end|>",
+             "No, its eyes are open.<|im_end|>\n"]),
         "images in two turns": ([
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]},
             {"role": "assistant", "content": "A cat."},
@@ -266,8 +268,9 @@ def multi_turn(images):
             {"role": "assistant", "content": "The coffee."}], [images["chelsea"], images["coffee"]],
             ["A cat.<|im_end|>", "A cup of coffee.<|im_end|>", "The coffee.<|im_end|>\n"]),
         "tool call": ([ask, {"role": "assistant", "content": "", "tool_calls": [call("Paris")]},
-                       {"role": "tool", "content": '{"temp": 21}'}, {"role": "assistant", "content": "21 °C in Paris."}],
-                      [], [called, "21 °C in Paris.<|im_end|>\n"]),
+                       {"role": "tool", "content": '{"temp": 21}'},
+                       {"role": "assistant", "content": "21 °C in Paris."}], [],
+                      [called, "21 °C in Paris.<|im_end|>\n"]),
         # reasoning after the last user query is rendered, and so learned; before it the template drops it
         "reasoning": (chain, [], ["<think>\nNeed the tool.\n</think>\n\n" + called,
                                   "<think>\nIt says 21.\n</think>\n\n21 °C.<|im_end|>\n"]),
@@ -316,8 +319,8 @@ def test_collate_turns_follow_the_template(tmp_path, images, template, end):
     ref = ArtemisDataCollator(reference_processor(AutoTokenizer.from_pretrained(d), max_pixels=64 * 64))
     user = lambda *c: {"role": "user", "content": [{"type": "image"} if x is None else {"type": "text", "text": x}
                                                      for x in c]}
-    rows = [{"messages": [user(None, "What is it?"), {"role": "assistant", "content": "A cat."},
-                          user("Is it awake?"), {"role": "assistant", "content": "<think>\nEyes open.\n</think>\n\nYes."},
+    rows = [{"messages": [user(None, "What is it?"), {"role": "assistant", "content": "A cat."}, user("Is it awake?"),
+                          {"role": "assistant", "content": "<think>\nEyes open.\n</think>\n\nYes."},
                           user("And this?", None), {"role": "assistant", "content": "Coffee."}],
              "images": [images["chelsea"], images["coffee"]]}]
     spans = ["A cat." + end.strip(), "<think>\nEyes open.\n</think>\n\nYes." + end.strip(), "Coffee." + end]
