@@ -474,6 +474,7 @@ class Processor:
             msg = msgs[j]
             if msg.get("role") != "assistant":
                 continue
+            # as for the last turn: with no reasoning, an empty think block the template shows belongs to the prompt
             reasoning = _has_think(msg.get("content", "")) or any(
                 msg.get(k) for k in ("reasoning_content", "thinking", "reasoning"))
             prompt = self.apply_chat_template(msgs[:j], add_generation_prompt=True,
