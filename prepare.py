@@ -20,7 +20,8 @@ shapes: "a small red circle on a white background." style captions of generated 
   works and a tiny model trained from scratch can learn it on a CPU.
 
 Rows longer than max_seq_len tokens (chat template rendered as Processor.collate renders it, image pads expanded)
-are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary.
+are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary,
+beside the rows kept and their assistant turns (each one a target when train.py's train_on is 'all').
 Work runs on all cores, one piece per source shard (tars) or per chunk_size rows; a re-run skips finished pieces.
 
 Layout of out_dir (default data/<dataset>):
@@ -298,6 +299,7 @@ def work(unit):
             split = 'val' if is_val(key) else 'train'
             pieces[split].add(head.encode() + b'\n' + b''.join(blobs))
             counts[split] += 1
+            counts[f'{split} turns'] += sum(m['role'] == 'assistant' for m in messages)
     except Exception as e:  # the source itself is unreadable (e.g. a truncated tar): leave it for a re-run
         for p in pieces.values():
             p.close(keep=False)
@@ -414,7 +416,9 @@ if __name__ == '__main__':
     total = sum(map(Counter, read_done(out_dir).values()), Counter())
     if dataset == 'shapes' and total['val']:  # a held-out image for README's `python sample.py` command
         PreparedDataset(out_dir, 'val')[0]['images'][0].save(os.path.join(out_dir, 'example.png'))
-    skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in ('train', 'val'))
-    print(f"{out_dir}: {total['train']} train + {total['val']} val rows; skipped: {skipped or 'none'}"
+    kept = ('train', 'val', 'train turns', 'val turns')
+    skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in kept)
+    print(f"{out_dir}: {total['train']} train + {total['val']} val rows "
+          f"({total['train turns']} + {total['val turns']} assistant turns); skipped: {skipped or 'none'}"
           + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units) else '')
           + (f"; {failed} unreadable sources left undone (re-run to retry)" if failed else ''))

@@ -6,7 +6,8 @@ Mirrors, output for output:
   with the frame repeated on the temporal axis.
 - artemis_vlm.ArtemisVLMProcessor: the checkpoint's jinja chat template rendered as transformers renders it, each
   <|image_pad|> expanded to grid.prod() // merge**2 copies, tokenization by tokenizer.json (post-processor on).
-- artemis_vlm.ArtemisDataCollator: training batches whose labels mask the prompt prefix and every image pad.
+- artemis_vlm.ArtemisDataCollator: training batches whose labels mask the prompt prefix and every image pad
+  (collate's train_on="last"; the default, "all", labels every assistant turn, each up to its end-of-turn token).
 """
 import json
 import math
@@ -418,9 +419,12 @@ class Processor:
             out.update(pixel_values=pixels, image_grid_thw=grid)
         return out
 
-    def collate(self, rows, auto_detect_thinking=True):
-        """rows of {"messages": [...], "images": [...]} (the last message the assistant's target) -> a right-padded
-        training batch; labels are -100 over the prompt prefix, the image pads and the padding."""
+    def collate(self, rows, auto_detect_thinking=True, train_on="all"):
+        """rows of {"messages": [...], "images": [...]} (the last message an assistant turn) -> a right-padded training
+        batch. train_on="all" labels every assistant turn, "last" only the final one (artemis-vlm's collator); labels
+        are -100 over the rest: system, user and tool turns, role headers, image pads and padding."""
+        if train_on not in ("all", "last"):
+            raise ValueError(f"train_on: expected 'all' or 'last', got {train_on!r}")
         seqs, labels, pixels, grids = [], [], [], []
         for i, row in enumerate(rows):
             msgs, images = row["messages"], list(row.get("images") or [])
@@ -437,11 +441,15 @@ class Processor:
             k = prompt.count(IMAGE_TOKEN)
             prompt, = self._expand([prompt], grid[:k] if k else None, f"collate: row {i} prompt")
             ids = torch.tensor(self.tokenizer.encode(full).ids)
-            lab = ids.clone()
-            lab[:len(self.tokenizer.encode(prompt).ids)] = IGNORE
-            lab[ids == self.image_token_id] = IGNORE
+            start = len(self.tokenizer.encode(prompt).ids)
+            target = torch.zeros(len(ids), dtype=torch.bool)
+            target[start:] = True  # the last turn, to the end of the row: artemis-vlm's labels
+            if train_on == "all":
+                for a, b in self._earlier_turns(msgs, ids.tolist(), start, grid, auto_detect_thinking,
+                                                f"collate: row {i}"):
+                    target[a:b] = True
             seqs.append(ids)
-            labels.append(lab)
+            labels.append(torch.where(target & (ids != self.image_token_id), ids, IGNORE))
             if images:
                 pixels.append(pv)
                 grids.append(grid)
@@ -450,6 +458,41 @@ class Processor:
         if pixels:
             batch.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
         return batch
+
+    def _earlier_turns(self, msgs, ids, limit, grid, auto_detect_thinking, where):
+        """Token spans [a, b) of the assistant turns before the last (whose target starts at token limit), from renders
+        of the template: a turn's target starts where the tokens of its generation prompt (the messages before it,
+        add_generation_prompt=True) stop agreeing with the full row's, and ends with its first end-of-turn token,
+        where generation would stop."""
+        # A prefix of a conversation need not render as a prefix of the whole: Qwen3 keeps reasoning only after the
+        # last user query, so a tool chain's reasoning shows in the prompt of a turn inside it, and not in the full
+        # text once a later question follows. So the comparison restarts after the prompt's last end-of-turn token,
+        # matched by count in the full row.
+        stops, prev = set(self.stop_ids), 0
+        ends = [t + 1 for t, x in enumerate(ids) if x in stops]
+        for j in range(1, len(msgs) - 1):  # an assistant message that opens the conversation answers nothing
+            msg = msgs[j]
+            if msg.get("role") != "assistant":
+                continue
+            # as for the last turn: with no reasoning, an empty think block the template shows belongs to the prompt
+            reasoning = _has_think(msg.get("content", "")) or any(
+                msg.get(k) for k in ("reasoning_content", "thinking", "reasoning"))
+            prompt = self.apply_chat_template(msgs[:j], add_generation_prompt=True,
+                                              enable_thinking=not auto_detect_thinking or reasoning)
+            k = prompt.count(IMAGE_TOKEN)
+            prompt, = self._expand([prompt], grid[:k] if k else None, where)
+            q = self.tokenizer.encode(prompt).ids
+            marks = [t + 1 for t, x in enumerate(q) if x in stops]
+            n = len(marks)
+            f, p = (ends[n - 1], marks[-1]) if 0 < n <= len(ends) else (0, 0)
+            a = f + next((c for c, (x, y) in enumerate(zip(ids[f:], q[p:])) if x != y), len(q) - p)
+            b = next((t for t in range(a, limit) if ids[t] in stops), None)
+            if n > len(ends) or b is None or a < prev:  # no end-of-turn token, or renders that disagree
+                names = ", ".join(self.tokenizer.id_to_token(t) for t in self.stop_ids)
+                raise ValueError(f"{where}: assistant message {j} is not a span of the rendered conversation that ends "
+                                 f"with an end-of-turn token ({names}) before the last turn; use train_on='last'")
+            prev = b + 1
+            yield a, prev
 
     def decode(self, ids, skip_special_tokens=True):
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)

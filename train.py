@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ dataset = "data/blip3o"  # a directory written by prepare.py
 batch_size = 2  # per process, per micro-step
 gradient_accumulation_steps = 16  # global: divided between the processes
 num_workers = 2  # data loader processes: decode and preprocess off the training step's critical path
+train_on = "all"  # 'all': learn every assistant turn of a row; 'last': only its final one (artemis-vlm's collator)
 # model shapes, for init_from='scratch' only (the vocabulary comes from the dataset's tokenizer)
 n_layer = 4
 n_head = 4
@@ -98,6 +100,8 @@ if dtype not in ("float32", "bfloat16"):  # float16 would need a GradScaler; bf1
     die(f"dtype={dtype!r}, expected 'float32' or 'bfloat16'")
 if stage not in ("stage1", "stage2"):
     die(f"stage={stage!r}, expected 'stage1' or 'stage2'")
+if train_on not in ("all", "last"):
+    die(f"train_on={train_on!r}, expected 'all' or 'last'")
 for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if globals()[k] < 1:
         die(f"{k}={globals()[k]}, expected at least 1")
@@ -247,7 +251,8 @@ def own_group(worker_id):
 
 
 def loader(ds, batches):
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=processor.collate,
+    collate = partial(processor.collate, train_on=train_on)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
                                        worker_init_fn=own_group)
 

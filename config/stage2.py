@@ -8,6 +8,7 @@ init_from = "pretrained"
 pretrained = "schneewolflabs/A3"
 dataset = "data/llava"
 stage = "stage2"
+train_on = "all"  # every answer of a multi-turn LLaVA conversation is a target ("last": only the final one)
 learning_rate = 2e-5  # projector: already aligned, so no longer the 1e-3 of Stage-1
 decoder_lr = 1e-5
 warmup_frac = 0.03

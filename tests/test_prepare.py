@@ -46,6 +46,7 @@ def test_shapes_dataset(shapes, tmp_path):
     assert summary.startswith(f"out: ") and "skipped: none" in summary
     train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
     assert len(train) + len(val) == 60 and 0 < len(val) < 30
+    assert f"{len(train)} train + {len(val)} val rows ({len(train)} + {len(val)} assistant turns)" in summary
     assert os.path.samefile(train.processor_dir, out)
     proc = Processor.from_pretrained(train.processor_dir)
     tok = proc.tokenizer
@@ -186,8 +187,8 @@ def test_llava_and_chat(shapes, tmp_path):
     (tmp_path / "llava.json").write_text(json.dumps(llava))
     summary = ok(tmp_path, "--dataset=llava", "--src=llava.json", f"--image_root={tmp_path / 'imgs'}",
                  f"--tokenizer={shapes[0]}", "--out_dir=llava", "--max_seq_len=200", "--val_frac=0", "--chunk_size=3")
-    assert "3 train + 0 val" in summary and "1 too long" in summary and "1 bad image" in summary
-    assert "2 bad row" in summary
+    assert "3 train + 0 val rows (4 + 0 assistant turns)" in summary  # "first" holds two answers
+    assert "1 too long" in summary and "1 bad image" in summary and "2 bad row" in summary
     ds = PreparedDataset(tmp_path / "llava", "train")
     rows = {ds[i]["messages"][1]["content"]: ds[i] for i in range(len(ds))}
     assert rows["Red."]["messages"] == [
@@ -195,6 +196,9 @@ def test_llava_and_chat(shapes, tmp_path):
         {"role": "assistant", "content": "Red."},
         {"role": "user", "content": [{"type": "text", "text": "Sure?"}]}, {"role": "assistant", "content": "Yes."}]
     assert rows["Red."]["images"][0].size == (64, 32)
+    proc = Processor.from_pretrained(ds.processor_dir)
+    batch = proc.collate([rows["Red."]])  # both answers are targets, under the shapes processor's plain ChatML
+    assert proc.decode(batch["input_ids"][0][batch["labels"][0] != -100], False) == "Red.<|im_end|>Yes.<|im_end|>\n"
     assert rows["Blue."]["messages"][0]["content"] == [{"type": "text", "text": "Look at this:"}, {"type": "image"}]
     assert rows["Hello."]["images"] == []  # a text-only row
 
@@ -211,7 +215,8 @@ def test_llava_and_chat(shapes, tmp_path):
     (tmp_path / "chat.jsonl").write_text("\n".join(map(json.dumps, chat)) + "\n{not json\n")
     summary = ok(tmp_path, "--dataset=chat", "--src=chat.jsonl", f"--tokenizer={shapes[0]}", "--out_dir=chat",
                  "--max_seq_len=200", "--val_frac=0")
-    assert "3 train + 0 val" in summary and "1 too long" in summary and "2 bad row" in summary, summary
+    assert "3 train + 0 val rows (3 + 0 assistant turns)" in summary, summary
+    assert "1 too long" in summary and "2 bad row" in summary, summary
     ds = PreparedDataset(tmp_path / "chat", "train")
     rows = {ds[i]["messages"][-1]["content"]: ds[i] for i in range(len(ds))}
     assert rows["Red."]["messages"][0]["content"][1] == {"type": "text", "text": "Color?"}

@@ -198,8 +198,9 @@ def test_batch_padding_matches_transformers(ckpt, ref_tok, images, side):
     assert p.pad_id == 2 and p.image_token_id == 22 and p.stop_ids == [2, 25]
 
 
+@pytest.mark.parametrize("train_on", ["last", "all"])
 @pytest.mark.parametrize("auto", [True, False])
-def test_collate_matches_artemis(ckpt, ref_tok, images, auto):
+def test_collate_matches_artemis(ckpt, ref_tok, images, auto, train_on):
     (chat, chat_ims), (caption, cap_ims), (text, _) = conversations(images)
     list_think = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Gray?"}]},
                   {"role": "assistant", "content": [{"type": "text", "text": "<think>no color</think>Grayscale."}]}]
@@ -208,8 +209,10 @@ def test_collate_matches_artemis(ckpt, ref_tok, images, auto):
             {"messages": caption, "images": [images["rgba"]]}, {"messages": text, "images": []}]
     p = Processor.from_pretrained(ckpt, max_pixels=128 * 128)
     ref = ArtemisDataCollator(reference_processor(ref_tok, max_pixels=128 * 128), auto_detect_thinking=auto)
-    for batch in (rows, rows[2:3] + rows[5:], rows[:1]):  # mixed, text only, one image row
-        got, want = p.collate(batch, auto_detect_thinking=auto), ref(batch)
+    # "last" is artemis-vlm's collator on any row, "all" on rows of one assistant turn: mixed, text only, one image row
+    batches = (rows, rows[2:3] + rows[5:], rows[:1]) if train_on == "last" else (rows[:1] + rows[3:5], rows[:1])
+    for batch in batches:
+        got, want = p.collate(batch, auto_detect_thinking=auto, train_on=train_on), ref(batch)
         assert sorted(got) == sorted(want)
         for k in ("input_ids", "attention_mask", "labels", "image_grid_thw"):
             if k in want:
@@ -218,6 +221,112 @@ def test_collate_matches_artemis(ckpt, ref_tok, images, auto):
             assert (got["pixel_values"] - want["pixel_values"]).abs().max() <= 1e-5
     labels = got["labels"][0]
     assert (labels != -100).any() and (labels[got["input_ids"][0] == p.image_token_id] == -100).all()
+
+
+def labelled(p, batch, r):
+    """Row r's runs of labelled tokens, decoded with their special tokens; each label is its input token."""
+    ids, labels = batch["input_ids"][r], batch["labels"][r]
+    on = labels != -100
+    assert torch.equal(labels[on], ids[on])
+    runs = [[]]
+    for t, keep in zip(ids.tolist(), on.tolist()):
+        if keep:
+            runs[-1].append(t)
+        elif runs[-1]:
+            runs.append([])
+    return [p.decode(run, skip_special_tokens=False) for run in runs if run]
+
+
+def multi_turn(images):
+    """{name: (messages, images, the labelled spans with train_on="all")}: rows of several assistant turns."""
+    call = lambda city: {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+    called = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+    ask = {"role": "user", "content": "Weather in Paris?"}
+    chain = [ask, {"role": "assistant", "content": "", "reasoning_content": "Need the tool.",
+                   "tool_calls": [call("Paris")]},
+             {"role": "tool", "content": '{"temp": 21}'},
+             {"role": "assistant", "content": "<think>\nIt says 21.\n</think>\n\n21 °C."}]
+    return {
+        "text": ([{"role": "user", "content": "Is 7 prime?"}, {"role": "assistant", "content": "Yes."},
+                  {"role": "user", "content": "And 9?"}, {"role": "assistant", "content": "No: 9 = 3 x 3."}], [],
+                 ["Yes.<|im_end|>", "No: 9 = 3 x 3.<|im_end|>\n"]),
+        "image in the first turn": ([
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the photo?"}]},
+            {"role": "assistant", "content": "A cat lying on a wooden floor."},
+            {"role": "user", "content": "What color is it?"},
+            {"role": "assistant", "content": "Orange and gray, with dark stripes."},
+            {"role": "user", "content": "Is it asleep?"}, {"role": "assistant", "content": "No, its eyes are open."}],
+            [images["chelsea"]],
+            ["A cat lying on a wooden floor.<|im_end|>", "Orange and gray, with dark stripes.<|im_end|>",
+             "No, its eyes are open.<|im_end|>\n"]),
+        "images in two turns": ([
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]},
+            {"role": "assistant", "content": "A cup of coffee."}, {"role": "user", "content": "Which is warmer?"},
+            {"role": "assistant", "content": "The coffee."}], [images["chelsea"], images["coffee"]],
+            ["A cat.<|im_end|>", "A cup of coffee.<|im_end|>", "The coffee.<|im_end|>\n"]),
+        "tool call": ([ask, {"role": "assistant", "content": "", "tool_calls": [call("Paris")]},
+                       {"role": "tool", "content": '{"temp": 21}'},
+                       {"role": "assistant", "content": "21 °C in Paris."}], [],
+                      [called, "21 °C in Paris.<|im_end|>\n"]),
+        # reasoning after the last user query is rendered, and so learned; before it the template drops it
+        "reasoning": (chain, [], ["<think>\nNeed the tool.\n</think>\n\n" + called,
+                                  "<think>\nIt says 21.\n</think>\n\n21 °C.<|im_end|>\n"]),
+        "reasoning, then a question": (chain + [
+            {"role": "user", "content": "And in Rome?"},
+            {"role": "assistant", "content": "<think>\nNo tool needed.\n</think>\n\nI cannot tell."}], [],
+            [called, "21 °C.<|im_end|>", "<think>\nNo tool needed.\n</think>\n\nI cannot tell.<|im_end|>\n"]),
+    }
+
+
+def test_collate_labels_every_assistant_turn(ckpt, ref_tok, images):
+    p = Processor.from_pretrained(ckpt, max_pixels=128 * 128)
+    ref = ArtemisDataCollator(reference_processor(ref_tok, max_pixels=128 * 128))
+    cases = multi_turn(images)
+    rows = [{"messages": msgs, "images": ims} for msgs, ims, _ in cases.values()]
+    every, last = p.collate(rows), p.collate(rows, train_on="last")
+    want = ref(rows)
+    assert all(torch.equal(last[k], want[k]) for k in want if k != "pixel_values")
+    pads = every["input_ids"] == p.image_token_id
+    assert torch.equal(every["input_ids"], last["input_ids"]) and (every["labels"][pads] == -100).all()
+    assert int(pads.sum()) == int((every["image_grid_thw"].prod(-1) // 4).sum()) > 0
+    for r, (name, (msgs, ims, spans)) in enumerate(cases.items()):
+        assert labelled(p, every, r) == spans, name  # turn by turn: each assistant message and its end token
+        assert labelled(p, last, r) == spans[-1:], name
+    # the pitfall the boundaries are found around: a prefix of this conversation does not render as a prefix of it
+    msgs = cases["reasoning, then a question"][0]
+    assert not p.apply_chat_template(msgs).startswith(p.apply_chat_template(msgs[:3]))
+
+
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {% for c in m.content %}"
+           "{% if c.type == 'image' %}[IMG]<|image_pad|>{% else %}{{ c.text }}{% endif %}{% endfor %} [/INST]"
+           "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
+ALWAYS_THINK = (  # ChatML whose every assistant turn shows a think block, empty when there is no reasoning
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+    "{% if '</think>' not in m.content %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}"
+    "{% else %}{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+@pytest.mark.parametrize("template,end", [(MISTRAL, "</s>"), (ALWAYS_THINK, "<|im_end|>\n")])
+def test_collate_turns_follow_the_template(tmp_path, images, template, end):
+    d = write_checkpoint(tmp_path, build_tokenizer(), chat_template=template)
+    p = Processor.from_pretrained(d, max_pixels=64 * 64)
+    ref = ArtemisDataCollator(reference_processor(AutoTokenizer.from_pretrained(d), max_pixels=64 * 64))
+    user = lambda *c: {"role": "user", "content": [{"type": "image"} if x is None else {"type": "text", "text": x}
+                                                     for x in c]}
+    rows = [{"messages": [user(None, "What is it?"), {"role": "assistant", "content": "A cat."}, user("Is it awake?"),
+                          {"role": "assistant", "content": "<think>\nEyes open.\n</think>\n\nYes."},
+                          user("And this?", None), {"role": "assistant", "content": "Coffee."}],
+             "images": [images["chelsea"], images["coffee"]]}]
+    spans = ["A cat." + end.strip(), "<think>\nEyes open.\n</think>\n\nYes." + end.strip(), "Coffee." + end]
+    every, last = p.collate(rows), p.collate(rows, train_on="last")
+    assert labelled(p, every, 0) == spans and labelled(p, last, 0) == spans[-1:]
+    assert torch.equal(last["labels"], ref(rows)["labels"])
 
 
 def test_decode_matches_transformers(ckpt, ref_tok, images):
@@ -347,6 +456,15 @@ def test_bad_inputs_raise(ckpt, images, tmp_path):
         p.collate([{"messages": caption, "images": [images["tiny"]]}, {"messages": caption[:1], "images": []}])
     with pytest.raises(ValueError, match="collate: row 0: 1 <\\|image_pad\\|> placeholders but 0 images"):
         p.collate([{"messages": caption}])
+    with pytest.raises(ValueError, match="train_on: expected 'all' or 'last', got 'every'"):
+        p.collate([{"messages": caption, "images": [images["tiny"]]}], train_on="every")
+    plain = Processor(build_tokenizer(), "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}assistant: {% endif %}", {"eos_token": "</s>"})
+    two = [{"messages": conversations(images)[2][0]}]  # two assistant turns, neither closed by a stop token
+    with pytest.raises(ValueError, match=r"collate: row 0: assistant message 1 is not a span .* end-of-turn token "
+                                         r"\(</s>, <\|im_end\|>\) before the last turn; use train_on='last'"):
+        plain.collate(two)
+    assert (plain.collate(two, train_on="last")["labels"] != -100).sum() > 0
     with pytest.raises(ValueError, match="tokenizer: <\\|image_pad\\|> must be one added token"):
         Processor(build_tokenizer([s for s in SPECIALS if s != "<|image_pad|>"]), special_tokens={"eos_token": "</s>"})
     d = write_checkpoint(tmp_path / "noimg", build_tokenizer(SPECIALS[:22]))

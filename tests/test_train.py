@@ -151,6 +151,12 @@ def test_bad_init_from_is_one_line(tmp_path, data):
     assert p.returncode == 2 and "init_from='nowhere'" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_bad_train_on_is_one_line(tmp_path, data):
+    p = train(tmp_path, data, "--init_from=scratch", "--train_on=every", check=False)
+    assert p.returncode == 2 and "train_on='every', expected 'all' or 'last'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_missing_dataset_is_one_line(tmp_path):
     p = train(tmp_path, str(tmp_path / "nope"), "--init_from=scratch", check=False)
     assert p.returncode == 2 and "is not a prepared dataset" in p.stderr and "Traceback" not in p.stderr
