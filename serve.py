@@ -43,7 +43,7 @@ thinking = "off"  # 'on' lets the model reason in <think>...</think> first; 'off
 host = "127.0.0.1"  # '0.0.0.0' to listen on every interface
 port = 8000
 max_batch = 8  # requests decoded together
-batch_window = 0.02  # seconds the worker waits for more requests after the first, while fewer than max_batch wait
+batch_window = 0.05  # seconds the worker waits for more requests after the first, while fewer than max_batch wait
 api_key = ""  # '': no key; else clients send 'Authorization: Bearer <api_key>'
 max_tokens = 512  # a request's max_tokens when it gives none (capped by the context)
 max_image_bytes = 20 * 2**20  # an image (data: URL, file or download) larger than this is refused
@@ -185,22 +185,29 @@ def parse_request(body):
 # the worker: one batch at a time through model.generate
 
 waiting, arrived = [], threading.Condition()
+preparing = 0  # requests read but still being parsed (their images decoded) by their connection's thread
 
 
-def submit(r):
+def prepared(r=None):
+    """A request that was being prepared joins the waiting ones (r), or failed (None)."""
+    global preparing
     with arrived:
-        waiting.append(r)
+        preparing -= 1
+        if r is not None:
+            waiting.append(r)
         arrived.notify()
 
 
 def take():
-    """The next batch: the oldest waiting request and those that can share its batch, up to max_batch, after giving
-    requests that arrive within batch_window a place in it."""
+    """The next batch: the oldest waiting request and those that can share its batch, up to max_batch. Requests that
+    arrive within batch_window get a place in it, and so do those already being prepared, for up to a second more:
+    the clients of the previous batch send their next requests at about the same time, but not at the same instant."""
     with arrived:
         arrived.wait_for(lambda: waiting)
         end = time.monotonic() + batch_window
-        while sum(r["group"] == waiting[0]["group"] for r in waiting) < max_batch and time.monotonic() < end:
-            arrived.wait(end - time.monotonic())
+        while sum(r["group"] == waiting[0]["group"] for r in waiting) < max_batch and (
+                time.monotonic() < end or preparing and time.monotonic() < end + 1):
+            arrived.wait(max(end - time.monotonic(), 0.01))
         batch = [r for r in waiting if r["group"] == waiting[0]["group"]][:max_batch]
         for r in batch:
             waiting.remove(r)
@@ -321,10 +328,14 @@ class Handler(BaseHTTPRequestHandler):
         if size > MAX_BODY:
             self.close_connection = True  # the body stays unread
             return self.error(413, f"request body: {size} bytes, over the {MAX_BODY} byte limit")
+        global preparing
+        with arrived:
+            preparing += 1
         raw = self.rfile.read(size)
-        if not self.authorized():
-            return
+        r = None
         try:
+            if not self.authorized():
+                return
             try:
                 body = json.loads(raw)
             except ValueError as e:  # a UnicodeDecodeError too
@@ -334,7 +345,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(e.status, str(e), e.param, e.code)
         except Exception as e:  # a case the checks above missed: the client hears of it, the server goes on
             return self.error(500, f"{type(e).__name__}: {e}")
-        submit(r)
+        finally:
+            prepared(r)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if r["stream"]:
             self.stream(r, rid, created)
