@@ -158,7 +158,7 @@ def parse_request(body):
         raise BadRequest("stream_options: expected an object", "stream_options")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     limit = number(body, key, None, 1, ctx, whole=True)
-    r = dict(stop=stop, stream=body.get("stream", False), usage=bool(options.get("include_usage")), images=images,
+    r = dict(stop=stop, stream=body.get("stream", False), usage=bool(options.get("include_usage")),
              temperature=number(body, "temperature", 1.0, 0, 2), top_p=number(body, "top_p", 1.0, 0, 1),
              seed=number(body, "seed", None, -2**63, 2**64 - 1, whole=True))
     if r["top_p"] == 0:

@@ -177,6 +177,17 @@ def test_eight_concurrent_clients_get_what_they_get_alone(srv):
     assert sum(sizes) == 8 and max(sizes) > 1, sizes
 
 
+def test_sampling_with_a_seed_repeats(srv):
+    """temperature > 0 samples (here: differently from greedy), and the same seed gives the same text, also while
+    other requests with other settings are decoded around it."""
+    def sampled(seed):
+        return srv["client"].chat.completions.create(model="m", messages=user("Tell me."), max_tokens=12,
+                                                     temperature=1.5, top_p=0.9, seed=seed).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(sampled, [7, 7, 8, None]))
+    assert got[0] == got[1] == sampled(7) and got[0] != greedy(srv, "Tell me.", [], 12)[0]
+
+
 BAD = [  # (request body or raw bytes, status, the field the error names)
     (b"{not json", 400, None),
     ({"model": "x"}, 400, "messages"),
