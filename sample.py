@@ -233,6 +233,8 @@ def main():
     paths, folder = image_paths(image)
     if out and not folder:
         die(f"--out={out}: only a folder run writes a file; give --image a directory or a glob")
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        die(f"--out={out}: its directory does not exist")
     try:  # before the weights load, so a mistyped path costs no wait
         images = [] if folder else [load_image(p) for p in paths]
     except ValueError as e:
