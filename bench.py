@@ -33,7 +33,7 @@ from vision import VisionConfig
 # -----------------------------------------------------------------------------
 preset = "a3" if torch.cuda.is_available() else "small"  # 'tiny' | 'small' (CPU) | 'a3' (the real shapes)
 n_layer = 0  # decoder layers; 0: the preset's (a3 has 40: fewer fit a 12B beside its reference copy)
-only = ""  # comma-separated subset of processor,vision,prefill,decode,train; '': all
+only = ""  # comma-separated subset of processor,vision,prefill,decode,train,serve; '': all
 reference = True  # also run transformers + artemis-vlm (when installed) on the same weights and inputs
 compile = True  # also time a torch.compile'd decode step (CUDA: with CUDA graphs)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,7 +70,7 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
 }
 if preset not in PRESETS:
     die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
-SECTIONS = ("processor", "vision", "prefill", "decode", "train")
+SECTIONS = ("processor", "vision", "prefill", "decode", "train", "serve")
 sections = set(only.split(",")) if only else set(SECTIONS)
 if sections - set(SECTIONS):
     die(f"--only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
@@ -149,7 +149,7 @@ with torch.device(device):
     model = ArtemisVLM(config).eval()
 torch.set_default_dtype(torch.float32)
 ref = None
-if reference and sections - {"processor"}:
+if reference and sections - {"processor", "serve"}:
     torch.set_default_dtype(ptdtype)
     with torch.device(device):
         ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval()
@@ -312,6 +312,72 @@ if "train" in sections:
         mem, mem_ref = ((mems[stage, m] + param_bytes(m)) / 2**20 if (stage, m) in mems else None  # with the weights
                         for m in (model, ref))
         row(f"{stage} step peak memory", mem, mem_ref, "MiB", higher=False)
+
+# serving: serve.py's tokens/s with 1 and with 8 concurrent clients -------------------------------------------------
+if "serve" in sections:
+    import re
+    import subprocess
+    import threading
+    import urllib.request
+    from tokenizers import AddedToken, pre_tokenizers
+
+    serve_tokens = 4 * new_tokens  # a request's max_tokens: decode dominates, as in captioning
+    with tempfile.TemporaryDirectory() as d:
+        # the bench model with a word-level tokenizer over its whole vocabulary; the chat tokens sit inside it
+        special = {"<unk>": 0, "</s>": 1, "<|image_pad|>": IMG, "<|im_start|>": IMG + 2, "<|im_end|>": IMG + 3}
+        vocab = {f"w{i}": i for i in range(c.vocab_size)} | special
+        vocab = {t: i for t, i in vocab.items() if t in special or i not in special.values()}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        model.save_pretrained(d)
+        side_px = P["image"]
+        Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=side_px * side_px).save_pretrained(d)
+        photo = os.path.join(d, "photo.png")
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(photo)
+        log = open(os.path.join(d, "log"), "w+")
+        server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
+                                   f"--init_from={d}", f"--device={device}", f"--dtype={str(ptdtype)[6:]}", "--port=0",
+                                   "--max_batch=8"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while not (m := re.search(r"on (http://\S+)/v1 ", open(log.name).read())):
+                if server.poll() is not None:
+                    die(f"serve.py exited: {open(log.name).read()[-500:]}")
+                time.sleep(0.2)
+            body = json.dumps({"model": "bench", "max_tokens": serve_tokens, "temperature": 0, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Describe this image."},
+                                             {"type": "image_url", "image_url": {"url": photo}}]}]}).encode()
+
+            def ask():  # one request as curl sends it; returns its completion tokens
+                req = urllib.request.Request(m[1] + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    return json.load(r)["usage"]["completion_tokens"]
+
+            for clients in (1, 8):
+                done = [0] * clients
+
+                def client(k):
+                    for _ in range(max(2, repeat // 2)):
+                        done[k] += ask()
+
+                threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+                ask()  # warmup: the first batch allocates the cache
+                time.sleep(0.5)  # a batch's log line comes after its answers
+                start = open(log.name).read().count("batch of")
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                dt = time.perf_counter() - t0
+                time.sleep(0.5)  # a batch's log line comes after its answers
+                sizes = [int(b) for b in re.findall(r"batch of (\d+):", open(log.name).read())[start:]]
+                row(f"serve.py, {clients} concurrent client{'s' if clients > 1 else ''}, 1 image + {serve_tokens} "
+                    f"new tokens per request", sum(done) / dt, None, "tok/s",
+                    note=f"; {sum(done)} tokens in {dt:.1f} s, batches of {'/'.join(map(str, sizes))}")
+        finally:
+            server.terminate()
+            server.wait()
 
 # table --------------------------------------------------------------------------------------------------------
 print(f"\n| what | ours | reference | ours vs reference |\n|---|---|---|---|")

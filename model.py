@@ -408,8 +408,9 @@ class ArtemisVLM(nn.Module):
                  image_grid_thw=None, attention_mask=None, stop_ids=None, decode_one=None, callback=None):
         """Prompt (B, T), left-padded when rows differ in length (attention_mask 0 on the pads), followed by up to
         max_new_tokens new tokens. A row that emits a stop id keeps repeating it while the others finish.
-        decode_one: an optional compiled `self.decode_one`; callback(tokens (B,)) sees each step as it is sampled.
-        The KV cache stays allocated for the next call (clear_caches() frees it)."""
+        decode_one: an optional compiled `self.decode_one`; callback(tokens (B,)) sees each step as it is sampled and
+        may return a bool (B,) of rows it counts as finished (its own stop strings or lengths), which then stop like a
+        stop id. The KV cache stays allocated for the next call (clear_caches() frees it)."""
         B, T = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -427,9 +428,10 @@ class ArtemisVLM(nn.Module):
             tok = sample(logits, temperature, top_k, top_p)  # (B,)
             tok = torch.where(done, out[-1][:, -1], tok)
             out.append(tok[:, None])
-            if callback is not None:
-                callback(tok)
+            finished = callback(tok) if callback is not None else None
             done |= torch.isin(tok, stop)
+            if finished is not None:
+                done |= finished.to(dev)
             if done.all() or i == max_new_tokens - 1:
                 break
             input_pos = torch.tensor([T + i], device=dev)

@@ -1,27 +1,40 @@
 """
-Describe images with a trained Artemis graft, streaming the answer to stdout as it is generated.
+Describe images with a trained Artemis graft: one prompt streamed to stdout as it is generated, or one caption per
+image of a folder written as JSON lines.
 
     python sample.py --image=cat.jpg
     python sample.py --image=a.jpg,b.jpg --prompt="What differs between these two?"
     python sample.py --init_from=out-shapes --image=shape.png --temperature=0
     python sample.py --init_from=<hub repo id> --image=photo.jpg --compile=True --thinking=on
     python sample.py --prompt="Hello"   # text only
+    python sample.py --image=photos/ --out=captions.jsonl --temperature=0   # a folder run: one caption per image
+    python sample.py --image="photos/*.jpg" --batch_size=16                 # a glob is a folder run too
 
 Options are the globals below; override them on the command line or in a config file (configurator.py).
-With no --init_from it uses the shapes demo's checkpoint, out-shapes/ckpt. A summary line (prompt and image
-tokens, time to first token, decode speed) goes to stderr after each sample, so stdout holds only the text.
+With no --init_from it uses the shapes demo's checkpoint, out-shapes/ckpt. A prompt run prints a summary line
+(prompt and image tokens, time to first token, decode speed) to stderr after each sample, so stdout holds only the
+text. A folder run (--image names a directory or a glob; a file or a comma-separated list of files is one prompt)
+captions each image on its own, --batch_size at a time, with a progress bar on stderr. It writes one line
+{"image": path, "caption": text} per image to --out (stdout when not given), skips the images --out already holds,
+and names an unreadable image on stderr and goes on.
 """
+import glob
+import json
 import os
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from model import ArtemisVLM, resolve
 from processor import Processor, load_image
 
 # -----------------------------------------------------------------------------
-image = None  # one or more image files: 'a.jpg', 'a.jpg,b.jpg' or ['a.jpg', 'b.jpg']; None: text only
+image = None  # one prompt's images: 'a.jpg', 'a.jpg,b.jpg' or ['a.jpg', 'b.jpg']; None: text only. A folder
+# run: a directory or a glob ('photos/', 'photos/*.jpg'), each image captioned on its own
+out = ""  # a folder run's JSON-lines file, appended to; '': stdout
+batch_size = 8  # a folder run's images captioned together
 prompt = "Describe this image in detail."
 system = ""  # a system message, when given
 init_from = ""  # an artemis checkpoint dir, a training out_dir (checkpoint in <out_dir>/ckpt) or a hub repo id
@@ -37,8 +50,10 @@ compile = False  # torch.compile the one-token decode step; the first sample pay
 min_pixels = None  # None: the checkpoint's preprocessor_config.json
 max_pixels = None
 thinking = "off"  # 'on' lets the model reason in <think>...</think> first; 'off' pre-fills an empty think block
-exec(open(os.path.join(os.path.dirname(__file__), "configurator.py")).read())
+if __name__ == "__main__":  # serve.py imports load() from here and reads its own options
+    exec(open(os.path.join(os.path.dirname(__file__), "configurator.py")).read())
 # -----------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def die(msg):
@@ -46,85 +61,191 @@ def die(msg):
     sys.exit(2)
 
 
-if device.startswith("cuda") and not torch.cuda.is_available():
-    die(f"--device={device}: CUDA is not available here (torch {torch.__version__}); use --device=cpu")
-dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-if dtype not in ("float32", "bfloat16", "float16"):
-    die(f"--dtype={dtype}: expected float32, bfloat16 or float16")
-if max_new_tokens < 1:
-    die(f"--max_new_tokens={max_new_tokens}: expected at least 1")
-if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-    die(f"--top_k={top_k}: expected a whole number of at least 1")
-if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-    die(f"--top_p={top_p}: expected a number in (0, 1]")
-if thinking not in ("on", "off"):
-    die(f"--thinking={thinking}: expected on or off")
-if not init_from:
-    if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
-        die("no model: train the shapes demo with `python prepare.py --dataset=shapes && python train.py "
-            "config/shapes.py`, or pass --init_from=<checkpoint dir or hub id>")
-    init_from = "out-shapes"
-if os.path.isdir(os.path.join(init_from, "ckpt")) and not os.path.exists(os.path.join(init_from, "config.json")):
-    init_from = os.path.join(init_from, "ckpt")  # a training out_dir
-paths = image if isinstance(image, (list, tuple)) else [] if image is None else str(image).split(",")
-try:  # before the weights load, so a mistyped path costs no wait
-    images = [load_image(str(p).strip()) for p in paths]
-except ValueError as e:
-    die(f"--image: {e}")
+def load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking):
+    """The model options sample.py and serve.py share: checked (a bad one is a one-line error, exit status 2), then
+    the weights and the processor loaded. Returns model, processor, decode_one."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device={device}: CUDA is not available here (torch {torch.__version__}); use --device=cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+    if thinking not in ("on", "off"):
+        die(f"--thinking={thinking}: expected on or off")
+    if not init_from:
+        if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
+            die("no model: train the shapes demo with `python prepare.py --dataset=shapes && python train.py "
+                "config/shapes.py`, or pass --init_from=<checkpoint dir or hub id>")
+        init_from = "out-shapes"
+    if os.path.isdir(os.path.join(init_from, "ckpt")) and not os.path.exists(os.path.join(init_from, "config.json")):
+        init_from = os.path.join(init_from, "ckpt")  # a training out_dir
+    try:
+        path = resolve(init_from)  # a hub id is downloaded once, for both loaders
+        model = ArtemisVLM.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
+        processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    except (ValueError, FileNotFoundError) as e:
+        die(f"--init_from: {e}")
+    return model, processor, model.compile_decode() if compile else model.decode_one
 
-try:
-    path = resolve(init_from)  # a hub id is downloaded once, for both loaders
-    model = ArtemisVLM.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
-    processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
-except (ValueError, FileNotFoundError) as e:
-    die(f"--init_from: {e}")
-try:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-    chat = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking == "on")
-    inputs = processor(chat, images=images)
-except ValueError as e:
-    die(e)
 
-ids = inputs["input_ids"].to(device)  # (1, T)
-T = ids.shape[1]
-n_img = int((ids == processor.image_token_id).sum())
-ctx = model.config.text.max_position_embeddings
-if T + max_new_tokens > ctx:
-    die(f"the prompt is {T} tokens ({n_img} of them image tokens) and --max_new_tokens={max_new_tokens}, "
-        f"together more than the model's context of {ctx} (text_config.max_position_embeddings); shorten the "
-        "prompt, lower --max_new_tokens or --max_pixels")
-pixels = inputs.get("pixel_values")
-pixels = None if pixels is None else pixels.to(device)
-grid = inputs.get("image_grid_thw")
-decode_one = model.compile_decode() if compile else model.decode_one
-torch.manual_seed(seed)
+def image_paths(image):
+    """(paths, folder run?). A directory or a glob is a folder run; a file or a comma-separated list is one prompt."""
+    if image is None or isinstance(image, (list, tuple)):
+        return [str(p) for p in image or []], False
+    image = str(image)
+    if os.path.isdir(image):
+        found = sorted(os.path.join(image, f) for f in os.listdir(image) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            die(f"--image={image}: a directory with no {', '.join(IMAGE_EXTENSIONS)} files")
+        return found, True
+    if not os.path.exists(image) and any(c in image for c in "*?["):
+        found = sorted(p for p in glob.glob(image, recursive=True) if os.path.isfile(p))
+        if not found:
+            die(f"--image={image}: no files match this glob")
+        return found, True
+    return [p.strip() for p in image.split(",")], False
+
+
+def skip(msg):
+    tqdm.write(f"skipped {msg}", file=sys.stderr)  # above the progress bar
 
 
 @torch.inference_mode()
-def stream():
-    """One sample, its text printed as it grows. Returns (new tokens, time to first token s, decode s)."""
-    out, times, shown = [], [], 0
-    t0 = time.perf_counter()
+def caption(model, processor, decode_one, chat, paths, images):
+    """[(path, caption)] for images each captioned on its own as rows of one left-padded batch. An image the
+    processor refuses, or whose prompt and max_new_tokens pass the model's context, is named on stderr and left out."""
+    try:
+        inputs = processor([chat] * len(images), images=images, padding_side="left")
+    except ValueError as e:
+        if len(images) == 1:
+            skip(f"{paths[0]}: {e}")
+            return []
+        return [r for p, im in zip(paths, images) for r in caption(model, processor, decode_one, chat, [p], [im])]
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    ctx = model.config.text.max_position_embeddings
+    if any(n + max_new_tokens > ctx for n in lengths):
+        for p, n in zip(paths, lengths):
+            if n + max_new_tokens > ctx:
+                skip(f"{p}: its prompt is {n} tokens, with --max_new_tokens={max_new_tokens} more than the model's "
+                     f"context of {ctx}; lower --max_pixels or --max_new_tokens")
+        keep = [k for k, n in enumerate(lengths) if n + max_new_tokens <= ctx]
+        return caption(model, processor, decode_one, chat, [paths[k] for k in keep], [images[k] for k in keep]) \
+            if keep else []
+    ids = inputs["input_ids"].to(device)  # (B, T)
+    got = model.generate(ids, max_new_tokens, temperature, top_k, top_p, inputs["pixel_values"].to(device),
+                         inputs["image_grid_thw"], inputs["attention_mask"].to(device), processor.stop_ids,
+                         decode_one)[:, ids.shape[1]:].tolist()
+    stops = set(processor.stop_ids)
+    ends = [next((k for k, t in enumerate(row) if t in stops), len(row)) for row in got]
+    return [(p, processor.decode(row[:e])) for p, row, e in zip(paths, got, ends)]
 
-    def show(tok):
-        nonlocal shown
-        out.append(tok.item())  # .item() waits for the device, so the clock is honest
-        times.append(time.perf_counter())
-        text = processor.decode(out)  # the whole answer: one token alone may split a UTF-8 character
-        if not text.endswith("\ufffd"):  # hold back a character whose bytes are still coming
-            print(text[shown:], end="", flush=True)
-            shown = len(text)
 
-    model.generate(ids, max_new_tokens, temperature, top_k, top_p, pixels, grid, stop_ids=processor.stop_ids,
-                   decode_one=decode_one, callback=show)  # the image is encoded once, at prefill
-    print(processor.decode(out)[shown:], flush=True)  # the held-back rest, if any
-    return len(out), times[0] - t0, times[-1] - times[0]
+def caption_folder(model, processor, decode_one, paths):
+    captioned, text = set(), ""
+    if out and os.path.exists(out):
+        with open(out, encoding="utf-8") as f:
+            text = f.read()
+        for line in text.splitlines():
+            try:
+                captioned.add(os.path.abspath(json.loads(line)["image"]))
+            except (ValueError, KeyError, TypeError):  # a line an interrupted run cut short: that image goes again
+                pass
+    todo = [p for p in paths if os.path.abspath(p) not in captioned]
+    sink = open(out, "a", encoding="utf-8") if out else sys.stdout
+    if text and not text.endswith("\n"):
+        sink.write("\n")
+    content = [{"type": "image"}, {"type": "text", "text": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking == "on")
+    with tqdm(total=len(todo), unit="img", file=sys.stderr, desc="captions") as bar:
+        for i in range(0, len(todo), batch_size):
+            paths, images = [], []
+            for p in todo[i:i + batch_size]:
+                try:
+                    images.append(load_image(p))
+                    paths.append(p)
+                except ValueError as e:
+                    skip(e)
+            for p, c in caption(model, processor, decode_one, chat, paths, images) if images else []:
+                sink.write(json.dumps({"image": p, "caption": c}, ensure_ascii=False) + "\n")
+                sink.flush()  # a line per image as it comes: an interrupted run keeps what it finished
+            bar.update(len(todo[i:i + batch_size]))
+    if out:
+        sink.close()
 
 
-for k in range(num_samples):
-    if k:
-        print("---------------", flush=True)
-    n, ttft, dt = stream()
-    print(f"{T} prompt tokens ({n_img} image), {n} new tokens, time to first token {ttft:.3f} s, "
-          f"decode {(n - 1) / max(dt, 1e-9):.1f} tokens/s", file=sys.stderr)
+def sample_prompt(model, processor, decode_one, images):
+    try:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        chat = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking == "on")
+        inputs = processor(chat, images=images)
+    except ValueError as e:
+        die(e)
+    ids = inputs["input_ids"].to(device)  # (1, T)
+    T = ids.shape[1]
+    n_img = int((ids == processor.image_token_id).sum())
+    ctx = model.config.text.max_position_embeddings
+    if T + max_new_tokens > ctx:
+        die(f"the prompt is {T} tokens ({n_img} of them image tokens) and --max_new_tokens={max_new_tokens}, "
+            f"together more than the model's context of {ctx} (text_config.max_position_embeddings); shorten the "
+            "prompt, lower --max_new_tokens or --max_pixels")
+    pixels = inputs.get("pixel_values")
+    pixels = None if pixels is None else pixels.to(device)
+    grid = inputs.get("image_grid_thw")
+
+    @torch.inference_mode()
+    def stream():
+        """One sample, its text printed as it grows. Returns (new tokens, time to first token s, decode s)."""
+        toks, times, shown = [], [], 0
+        t0 = time.perf_counter()
+
+        def show(tok):
+            nonlocal shown
+            toks.append(tok.item())  # .item() waits for the device, so the clock is honest
+            times.append(time.perf_counter())
+            text = processor.decode(toks)  # the whole answer: one token alone may split a UTF-8 character
+            if not text.endswith("\ufffd"):  # hold back a character whose bytes are still coming
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+
+        model.generate(ids, max_new_tokens, temperature, top_k, top_p, pixels, grid, stop_ids=processor.stop_ids,
+                       decode_one=decode_one, callback=show)  # the image is encoded once, at prefill
+        print(processor.decode(toks)[shown:], flush=True)  # the held-back rest, if any
+        return len(toks), times[0] - t0, times[-1] - times[0]
+
+    for k in range(num_samples):
+        if k:
+            print("---------------", flush=True)
+        n, ttft, dt = stream()
+        print(f"{T} prompt tokens ({n_img} image), {n} new tokens, time to first token {ttft:.3f} s, "
+              f"decode {(n - 1) / max(dt, 1e-9):.1f} tokens/s", file=sys.stderr)
+
+
+def main():
+    if max_new_tokens < 1:
+        die(f"--max_new_tokens={max_new_tokens}: expected at least 1")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        die(f"--top_k={top_k}: expected a whole number of at least 1")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        die(f"--top_p={top_p}: expected a number in (0, 1]")
+    if batch_size < 1:
+        die(f"--batch_size={batch_size}: expected at least 1")
+    paths, folder = image_paths(image)
+    if out and not folder:
+        die(f"--out={out}: only a folder run writes a file; give --image a directory or a glob")
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        die(f"--out={out}: its directory does not exist")
+    try:  # before the weights load, so a mistyped path costs no wait
+        images = [] if folder else [load_image(p) for p in paths]
+    except ValueError as e:
+        die(f"--image: {e}")
+    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking)
+    torch.manual_seed(seed)
+    if folder:
+        caption_folder(model, processor, decode_one, paths)
+    else:
+        sample_prompt(model, processor, decode_one, images)
+
+
+if __name__ == "__main__":
+    main()

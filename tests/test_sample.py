@@ -163,3 +163,39 @@ def test_one_line_errors(files, args, expect):
 def test_cuda_absent(files):
     msg = one_error(run(f"--init_from={files['scripted']}", "--device=cuda"))
     assert "--device=cuda" in msg and "CUDA" in msg
+
+
+def greedy_caption(ckpt, path, n=16):
+    model, proc = ArtemisVLM.from_pretrained(ckpt), Processor.from_pretrained(ckpt)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}]
+    inputs = proc(proc.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False), images=[path])
+    new = model.generate(inputs["input_ids"], n, temperature=0, pixel_values=inputs["pixel_values"],
+                         image_grid_thw=inputs["image_grid_thw"], stop_ids=proc.stop_ids)[0, inputs["input_ids"].shape[1]:]
+    return proc.decode(new)
+
+
+def test_folder_run_captions_each_image_once(files, tmp_path):
+    """A directory is a folder run: one JSON line per readable image, each the greedy caption that image gets alone
+    (in batches of 2, so rows of different lengths share a left-padded batch); a corrupt file is named and skipped;
+    a re-run with the same --out adds nothing; a glob to stdout gives the same lines."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name in ("a.png", "b.png", "bad.png"):
+        shutil.copy(files[name.removesuffix(".png")], d / name)
+    Image.radial_gradient("L").resize((64, 96)).convert("RGB").save(d / "c.jpg")  # 4x6 patches
+    (d / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "captions.jsonl"
+    args = (f"--init_from={files['random']}", "--temperature=0", "--batch_size=2")
+    r = run(*args, f"--image={d}", f"--out={out}")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert "bad.png" in r.stderr and "Traceback" not in r.stderr and "notes.txt" not in r.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["image"] for x in lines] == [str(d / n) for n in ("a.png", "b.png", "c.jpg")]
+    want = [greedy_caption(files["random"], x["image"]) for x in lines]
+    assert all(want) and [x["caption"] for x in lines] == want
+    before = out.read_text()
+    r = run(*args, f"--image={d}", f"--out={out}")
+    assert r.returncode == 0 and out.read_text() == before, r.stderr
+    r = run(*args, f"--image={d}/*.png")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == lines[:2]
