@@ -19,6 +19,7 @@ import torch
 
 from model import ArtemisVLM, resolve
 from processor import Processor, load_image
+from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
 image = None  # one or more image files: 'a.jpg', 'a.jpg,b.jpg' or ['a.jpg', 'b.jpg']; None: text only
@@ -34,6 +35,7 @@ num_samples = 1
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = ""  # '': bfloat16 on CUDA, float32 on CPU
 compile = False  # torch.compile the one-token decode step; the first sample pays for the compilation
+quantize = ""  # 'int8': the decoder's linear layers in int8 for this run (quantize.py writes such a checkpoint)
 min_pixels = None  # None: the checkpoint's preprocessor_config.json
 max_pixels = None
 thinking = "off"  # 'on' lets the model reason in <think>...</think> first; 'off' pre-fills an empty think block
@@ -59,6 +61,8 @@ if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <
     die(f"--top_p={top_p}: expected a number in (0, 1]")
 if thinking not in ("on", "off"):
     die(f"--thinking={thinking}: expected on or off")
+if quantize not in ("", "int8"):
+    die(f"--quantize={quantize}: expected int8, or nothing for the checkpoint's own weights")
 if not init_from:
     if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
         die("no model: train the shapes demo with `python prepare.py --dataset=shapes && python train.py "
@@ -75,6 +79,7 @@ except ValueError as e:
 try:
     path = resolve(init_from)  # a hub id is downloaded once, for both loaders
     model = ArtemisVLM.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
+    model = quantize_int8(model) if quantize else model
     processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
 except (ValueError, FileNotFoundError) as e:
     die(f"--init_from: {e}")
