@@ -108,6 +108,7 @@ def test_quantized_checkpoint_round_trips(tmp_path):
 
 def test_compiled_int8_decode_equals_eager(tmp_path):
     model = quantize_int8(parity_model())
+    torch._dynamo.reset()  # a fresh capture, not a recompile of an earlier test's decode_one
     ids = torch.randint(30, 90, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model.generate(ids, 8, temperature=0, decode_one=model.compile_decode()),
