@@ -4,12 +4,15 @@ Speed and memory of this implementation beside the reference stack (transformers
     python bench.py                                  # CPU: the 'small' preset, against the reference if installed
     python bench.py --preset=tiny --only=decode,train
     python bench.py --preset=a3 --n_layer=8          # GPU: A2 (Mistral-Nemo 12B) + Qwen3-VL-2B vision shapes
+    python bench.py --only=quantize                  # int8 decoder (quantize.py) against the bench dtype
 
 Both stacks get the same random weights (copied in memory) and the same inputs, in this one process. A time is
 the median of `repeat` runs after one warmup run. Decode tokens/s is batch x (n - 1) / (time(n new tokens) -
 time(1 new token)): the prefill is excluded. Training steps are forward + backward on a fixed batch, weights in
 `dtype`. Peak memory is the model's parameters plus the most tensor memory the step holds above what was allocated
-before it (CUDA: the caching allocator's peak; CPU: the profiler's memory timeline).
+before it (CUDA: the caching allocator's peak; CPU: the profiler's memory timeline). The decode bandwidth bound is
+the fastest read of a 1 GiB tensor (4 GiB on CUDA) by a sum: a read-only kernel, as decode only reads its weights.
+The quantize section runs last: it quantizes the model in place.
 Prints the table; writes nothing.
 """
 import gc
@@ -28,12 +31,13 @@ from tokenizers import Tokenizer, models
 
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from processor import CLIP_MEAN, CLIP_STD, Processor
+from quantize import quantize_int8
 from vision import VisionConfig
 
 # -----------------------------------------------------------------------------
 preset = "a3" if torch.cuda.is_available() else "small"  # 'tiny' | 'small' (CPU) | 'a3' (the real shapes)
 n_layer = 0  # decoder layers; 0: the preset's (a3 has 40: fewer fit a 12B beside its reference copy)
-only = ""  # comma-separated subset of processor,vision,prefill,decode,train,serve; '': all
+only = ""  # comma-separated subset of processor,vision,prefill,decode,train,serve,quantize; '': all
 reference = True  # also run transformers + artemis-vlm (when installed) on the same weights and inputs
 compile = True  # also time a torch.compile'd decode step (CUDA: with CUDA graphs)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,7 +74,7 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
 }
 if preset not in PRESETS:
     die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
-SECTIONS = ("processor", "vision", "prefill", "decode", "train", "serve")
+SECTIONS = ("processor", "vision", "prefill", "decode", "train", "serve", "quantize")
 sections = set(only.split(",")) if only else set(SECTIONS)
 if sections - set(SECTIONS):
     die(f"--only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
@@ -138,6 +142,22 @@ def param_bytes(m):
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
+def read_bandwidth():
+    """Bytes per second of the fastest of 10 sums over a 1 GiB tensor (4 GiB on CUDA): a read-only stream, the
+    bound for batch-1 decode, which reads every weight once and writes next to nothing. (A copy moves twice the
+    bytes and runs at a different rate, so decode could show above 100% of a copy bound.)"""
+    x = torch.ones((4 if cuda else 1) * 2**30 // 4, device=device)  # fp32, written once so its pages exist
+    x.sum()
+    ts = []
+    for _ in range(10):
+        sync()
+        t0 = time.perf_counter()
+        x.sum()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * x.element_size() / min(ts)
+
+
 # models -------------------------------------------------------------------------------------------------------
 text = dict(P["text"], sliding_window=None, tie_word_embeddings=False)
 if n_layer:
@@ -149,7 +169,7 @@ with torch.device(device):
     model = ArtemisVLM(config).eval()
 torch.set_default_dtype(torch.float32)
 ref = None
-if reference and sections - {"processor", "serve"}:
+if reference and sections - {"processor", "serve", "quantize"}:
     torch.set_default_dtype(ptdtype)
     with torch.device(device):
         ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval()
@@ -261,14 +281,11 @@ if "decode" in sections:
                 step = None
         model.clear_caches()
         if B == 1:  # batch 1 reads every weight once per token: memory bandwidth is the bound
-            n = 2**28 // ptdtype.itemsize
-            x, y = torch.ones(n, dtype=ptdtype, device=device), torch.ones(n, dtype=ptdtype, device=device)  # touched
-            bw = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))  # read + write bytes per second
-            del x, y
+            bw = read_bandwidth()
             per_token = weight_bytes + kv_bytes * (ids.shape[1] + new_tokens // 2)
             best = max(r for r in (eager, compiled) if r)
             bandwidth_note = (f"decode, batch 1: {best * per_token / 1e9:.1f} GB/s of a measured {bw / 1e9:.1f} GB/s "
-                              f"copy bandwidth = {100 * best * per_token / bw:.0f}% of the bound "
+                              f"read bandwidth = {100 * best * per_token / bw:.0f}% of the bound "
                               f"({bw / per_token:.1f} tok/s at {per_token / 1e9:.2f} GB read per token)")
 
 # training steps: forward + backward -------------------------------------------------------------------------------
@@ -379,8 +396,55 @@ if "serve" in sections:
             server.terminate()
             server.wait()
 
+# int8 decoder (quantize.py) against the bench dtype: weight bytes, batch-1 decode --------------------------------
+if "quantize" in sections:
+    def read_bytes(m):  # what batch-1 decode reads per token: every decoder tensor but the embedding table
+        return sum(t.numel() * t.element_size() for k, t in m.language_model.state_dict().items()
+                   if not k.startswith("model.embed_tokens."))
+
+    def state_bytes(m):
+        return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+    a3 = PRESETS["a3"]  # on the meta device: shapes and dtypes, no memory, so always the full 40 layers
+    with torch.device("meta"):
+        big = ArtemisVLM(ArtemisConfig(TextConfig(**a3["text"]), VisionConfig(**a3["vision"],
+                                       num_position_embeddings=2304), IMG)).to(torch.bfloat16)
+    a3_bytes = state_bytes(big), state_bytes(quantize_int8(big))
+    del big
+    ids1, pixels1, grid1 = inputs(1, answer=False)
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize  # bytes per cached token
+    kv *= ids1.shape[1] + new_tokens // 2  # read per token, on average over the decode
+
+    def decode_rate(step):  # batch-1 tokens/s, the prefill excluded as in the decode rows
+        def gen(n):
+            model.generate(ids1, n, temperature=0, pixel_values=pixels1, image_grid_thw=grid1, decode_one=step)
+
+        with torch.inference_mode():
+            t1, tn = timed(lambda: gen(1)), timed(lambda: gen(new_tokens))
+        model.clear_caches()
+        return (new_tokens - 1) / (tn - t1)
+
+    kinds = ["eager"] + (["compiled" + (" (CUDA graphs)" if cuda else "")] if compile else [])
+    rates, per_token = {}, {}
+    for q in ("full", "int8"):  # back to back, so a shared machine's load falls on both alike
+        if q == "int8":
+            quantize_int8(model)
+        per_token[q] = read_bytes(model) + kv
+        for kind in kinds:
+            rates[q, kind] = decode_rate(None if kind == "eager" else model.compile_decode())
+    bw = read_bandwidth()
+    full = str(ptdtype).removeprefix("torch.")
+    qrows = [("weights of the A3 shape (40 layers, meta device), GB", a3_bytes[1] / 1e9, a3_bytes[0] / 1e9, "bf16"),
+             (f"decoder bytes read per decode token ({preset}), GB", per_token["int8"] / 1e9,
+              per_token["full"] / 1e9, full)]
+    qrows += [(f"decode, batch 1, {kind}, tok/s", rates["int8", kind], rates["full", kind], full) for kind in kinds]
+    quantize_note = "\n".join(
+        f"decode, batch 1, {kind}, {name}: {rates[q, kind] * per_token[q] / 1e9:.1f} GB/s read = "
+        f"{100 * rates[q, kind] * per_token[q] / bw:.0f}% of the measured {bw / 1e9:.1f} GB/s read bandwidth"
+        for kind in kinds for q, name in (("full", full), ("int8", "int8")))
+
 # table --------------------------------------------------------------------------------------------------------
-print(f"\n| what | ours | reference | ours vs reference |\n|---|---|---|---|")
+print(f"\n| what | ours | reference | ours vs reference |\n|---|---|---|---|" if results else "")
 for what, ours, theirs, unit, higher, note in results:
     fmt = lambda v: "-" if v is None else f"{v:,.1f} {unit}" if v < 100 else f"{v:,.0f} {unit}"  # noqa: E731
     if ours is None or not theirs:
@@ -392,3 +456,8 @@ for what, ours, theirs, unit, higher, note in results:
     print(f"| {what}{note} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
 if "decode" in sections:
     print(f"\n{bandwidth_note}")
+if "quantize" in sections:
+    print(f"\n| int8 decoder (quantize.py) | int8 | full precision | int8 vs full |\n|---|---|---|---|")
+    for what, q, f, name in qrows:
+        print(f"| {what} | {q:,.2f} | {f:,.2f} ({name}) | {q / f:.2f}x |")
+    print(f"\n{quantize_note}")

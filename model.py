@@ -74,6 +74,7 @@ class ArtemisConfig:
     image_token_id: int = 22  # the A-series repurposed <|image_pad|>
     video_token_id: int = 23
     projector_hidden_act: str = "gelu"
+    quantization: str | None = None  # 'int8': the decoder's linears hold int8 weights and scales (quantize.py)
 
     @classmethod
     def from_dict(cls, d):
@@ -81,15 +82,20 @@ class ArtemisConfig:
             raise ValueError(f"config.json: model_type {d.get('model_type')!r}, expected 'artemis_vlm'")
         if d.get("projector_hidden_act", "gelu") != "gelu":
             raise ValueError(f"config.json: projector_hidden_act {d['projector_hidden_act']!r}, expected 'gelu'")
+        quantization = (d.get("quantization") or {}).get("method")
+        if quantization not in (None, "int8"):
+            raise ValueError(f"config.json: quantization method {quantization!r}, expected 'int8' (quantize.py)")
         return cls(TextConfig.from_dict(d["text_config"]), VisionConfig.from_dict(d["vision_config"]),
-                   d.get("image_token_id", 22), d.get("video_token_id", 23))
+                   d.get("image_token_id", 22), d.get("video_token_id", 23), quantization=quantization)
 
     def to_dict(self, dtype=None):
         return {"model_type": "artemis_vlm", "architectures": ["ArtemisVLMForConditionalGeneration"],
                 "text_config": self.text.to_dict(), "vision_config": self.vision.to_dict(),
                 "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
                 "projector_hidden_act": self.projector_hidden_act,
-                "dtype": str(dtype).removeprefix("torch.") if dtype else None}
+                "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+                **({"quantization": {"method": self.quantization, "scales": "per output channel"}}
+                   if self.quantization else {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +289,9 @@ class ArtemisVLM(nn.Module):
         self.visual = VisionTower(config.vision)
         self.multi_modal_projector = Projector(config.vision.out_hidden_size, config.text.hidden_size)
         self.language_model = Mistral(config.text)
+        if config.quantization:  # an int8 checkpoint's modules, so that it loads by the same strict load
+            from quantize import quantize_int8
+            quantize_int8(self)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings with the projected image vectors written at the <|image_pad|> positions."""
@@ -323,6 +332,8 @@ class ArtemisVLM(nn.Module):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # what F.linear would use
         with torch.autocast(dev, enabled=False):
             w = self.language_model.lm_head.weight.to(dt)  # (vocab, d_text)
+            if self.config.quantization and not self.config.text.tie_word_embeddings:  # an int8 head, dequantized
+                w = w * self.language_model.lm_head.scales[:, None].to(dt)
             return None, LinearCrossEntropy.apply(h.to(dt), w, targets, torch.is_grad_enabled()) / len(targets)
 
     def set_training_stage(self, stage, vision_top_n=0):
@@ -357,7 +368,7 @@ class ArtemisVLM(nn.Module):
         """A KV cache of at least max_len slots per layer. An existing one that is big enough is kept, so the
         shapes a compiled decode step sees stay the same across prompts: it is captured once, not per prompt length.
         Returns the cache length."""
-        c, p = self.config.text, self.language_model.lm_head.weight
+        c, p = self.config.text, self.language_model.model.embed_tokens.weight  # a float tensor, even in int8
         kv = self.language_model.model.layers[0].self_attn.kv_cache
         if kv is not None and kv.k.shape[0] == batch and kv.k.shape[2] >= max_len and kv.k.dtype == p.dtype \
                 and kv.k.device == p.device:
@@ -392,13 +403,15 @@ class ArtemisVLM(nn.Module):
         """decode_one compiled for inference on the model's device. CUDA: CUDA graphs, one launch per token. CPU:
         the weights are frozen into the graph so inductor packs them for its own GEMM kernels (max-autotune), which
         stream them at close to memory bandwidth where MKL's gemv on (out, in) weights reaches about a third.
-        Frozen means baked in: compile again after the weights change."""
+        Frozen means baked in: compile again after the weights change. int8 weights (quantize.py) are not frozen:
+        freezing would fold their dequantization into float constants, four times their bytes."""
         if self.language_model.lm_head.weight.is_cuda:
             return torch.compile(self.decode_one, mode="reduce-overhead", fullgraph=True)
         step = torch.compile(self.decode_one, fullgraph=True)
 
         def decode_one(*args):  # the patch must be active at the first call, when inductor compiles
-            with torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
+            with torch._inductor.config.patch(freezing=not self.config.quantization, max_autotune=True,
+                                              autotune_num_choices_displayed=0,
                                               max_autotune_report_choices_stats=False):  # quiet: stdout is the text
                 return step(*args)
         return decode_one

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from model import ArtemisVLM, resolve
 from processor import Processor, load_image
+from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
 image = None  # one prompt's images: 'a.jpg', 'a.jpg,b.jpg' or ['a.jpg', 'b.jpg']; None: text only. A folder
@@ -47,6 +48,7 @@ num_samples = 1
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = ""  # '': bfloat16 on CUDA, float32 on CPU
 compile = False  # torch.compile the one-token decode step; the first sample pays for the compilation
+quantize = ""  # 'int8': the decoder's linear layers in int8 for this run (quantize.py writes such a checkpoint)
 min_pixels = None  # None: the checkpoint's preprocessor_config.json
 max_pixels = None
 thinking = "off"  # 'on' lets the model reason in <think>...</think> first; 'off' pre-fills an empty think block
@@ -61,7 +63,7 @@ def die(msg):
     sys.exit(2)
 
 
-def load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking):
+def load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking, quantize=""):
     """The model options sample.py and serve.py share: checked (a bad one is a one-line error, exit status 2), then
     the weights and the processor loaded. Returns model, processor, decode_one."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,6 +73,8 @@ def load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking):
         die(f"--dtype={dtype}: expected float32, bfloat16 or float16")
     if thinking not in ("on", "off"):
         die(f"--thinking={thinking}: expected on or off")
+    if quantize not in ("", "int8"):
+        die(f"--quantize={quantize}: expected int8, or nothing for the checkpoint's own weights")
     if not init_from:
         if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
             die("no model: train the shapes demo with `python prepare.py --dataset=shapes && python train.py "
@@ -81,6 +85,7 @@ def load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking):
     try:
         path = resolve(init_from)  # a hub id is downloaded once, for both loaders
         model = ArtemisVLM.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
+        model = quantize_int8(model) if quantize else model
         processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
     except (ValueError, FileNotFoundError) as e:
         die(f"--init_from: {e}")
@@ -239,7 +244,7 @@ def main():
         images = [] if folder else [load_image(p) for p in paths]
     except ValueError as e:
         die(f"--image: {e}")
-    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking)
+    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking, quantize)
     torch.manual_seed(seed)
     if folder:
         caption_folder(model, processor, decode_one, paths)

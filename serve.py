@@ -37,6 +37,7 @@ init_from = ""  # an artemis checkpoint dir, a training out_dir (checkpoint in <
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = ""  # '': bfloat16 on CUDA, float32 on CPU
 compile = False  # torch.compile the one-token decode step (compiled again for each new batch size)
+quantize = ""  # 'int8': the decoder's linear layers in int8 (quantize.py writes such a checkpoint)
 min_pixels = None  # None: the checkpoint's preprocessor_config.json
 max_pixels = None
 thinking = "off"  # 'on' lets the model reason in <think>...</think> first; 'off' pre-fills an empty think block
@@ -420,7 +421,7 @@ if __name__ == "__main__":
     if not 0 <= port < 65536:
         print(f"error: --port={port}: expected 0 (any free port) to 65535", file=sys.stderr)
         sys.exit(2)
-    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking)
+    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking, quantize)
     model_id, started = init_from or "out-shapes", int(time.time())
     threading.Thread(target=worker, daemon=True).start()
     try:

@@ -192,6 +192,9 @@ try:
     model, processor, state = init_model()
 except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key or argument
     die(f"init_from={init_from!r}: {e}")
+if model.config.quantization:  # int8 weights take no gradients, and saving would write float over them
+    die(f"init_from={init_from!r}: an {model.config.quantization} checkpoint (quantize.py) cannot be trained; "
+        "train from the full-precision checkpoint it was made from")
 if processor.image_token_id != model.config.image_token_id:
     die(f"the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
                      f"image_token_id is {model.config.image_token_id}")
