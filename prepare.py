@@ -179,11 +179,8 @@ class Mixture:
             for k in range(len(self.sources)):
                 rows[src == k] = self.starts[k] + self.take(seed, k, used[k], counts[k])
             used += counts
-            if window:
-                rows = rows[np.argsort(self.lengths[rows], kind='stable')]
-            batches = rows.reshape(-1, batch_size)
-            if window:
-                batches = batches[np.random.default_rng([seed, 2, w]).permutation(len(batches))]
+            batches = length_grouped(rows, self.lengths[rows], batch_size, np.random.default_rng([seed, 2, w])) \
+                if window else rows.reshape(-1, batch_size)
             for s in range(max(step - w * W, 0), W):
                 yield batches[s * n_micro:(s + 1) * n_micro].tolist()
             w += 1
@@ -204,6 +201,13 @@ class Mixture:
             at = c // N == e
             out[at] = self.perms[k][1][c[at] % N]
         return out
+
+
+def length_grouped(rows, lengths, batch_size, rng):
+    """rows (n,) with their token counts -> (n / batch_size, batch_size) micro-batches of rows of similar length
+    (sorted, then cut), in an order shuffled by rng, so the steps still mix short and long."""
+    batches = rows[np.argsort(lengths, kind='stable')].reshape(-1, batch_size)
+    return batches[rng.permutation(len(batches))]
 
 
 def read_done(dir):
