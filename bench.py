@@ -10,7 +10,8 @@ Both stacks get the same random weights (copied in memory) and the same inputs, 
 the median of `repeat` runs after one warmup run. Decode tokens/s is batch x (n - 1) / (time(n new tokens) -
 time(1 new token)): the prefill is excluded. Training steps are forward + backward on a fixed batch, weights in
 `dtype`. The padding section trains on 8 micro-batches of rows with 100-400-token captions and 64-256 image
-tokens, cut in drawn order and length-grouped as train.py cuts them: padding fraction and real tokens/s. Peak memory is the model's parameters plus the most tensor memory the step holds above what was allocated
+tokens, cut in drawn order and length-grouped as train.py cuts them: padding fraction and real tokens/s. Peak
+memory is the model's parameters plus the most tensor memory the step holds above what was allocated
 before it (CUDA: the caching allocator's peak; CPU: the profiler's memory timeline).
 Prints the table; writes nothing.
 """

@@ -419,17 +419,14 @@ while True:
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val_loss, val_losses = estimate_loss()
+        replies = eval_captions() if samples and (master or fsdp) else []  # FSDP: every process in each forward
         if master:
             print(f"iter {iter_num}: val loss {val_loss:.4f}" + (
                 f" ({', '.join(f'{k} {v:.4f}' for k, v in val_losses.items())})" if len(val_losses) > 1 else ""))
-            log(iter=iter_num, val_loss=val_loss, val_losses=val_losses)
-        if samples and (master or fsdp):  # FSDP: every process takes part in each forward
-            replies = eval_captions()
-            if master:
-                for i, (r, got) in enumerate(zip(samples, replies)):
-                    print(f"  sample {i}: {got!r}\n  reference: {reply_text(r['messages'][-1])!r}")
-                log(iter=iter_num, captions=[{"reference": reply_text(r["messages"][-1]), "caption": got}
-                                             for r, got in zip(samples, replies)])
+            captions = [{"reference": reply_text(r["messages"][-1]), "caption": c} for r, c in zip(samples, replies)]
+            for i, c in enumerate(captions):
+                print(f"  held-out {i} reference: {c['reference']!r}\n  held-out {i} caption:   {c['caption']!r}")
+            log(iter=iter_num, val_loss=val_loss, val_losses=val_losses, captions=captions)
         if iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
             save_checkpoint()
