@@ -5,11 +5,14 @@ Speed and memory of this implementation beside the reference stack (transformers
     python bench.py --preset=tiny --only=decode,train
     python bench.py --preset=a3 --n_layer=8          # GPU: A2 (Mistral-Nemo 12B) + Qwen3-VL-2B vision shapes
     python bench.py --only=quantize                  # int8 decoder (quantize.py) against the bench dtype
+    python bench.py --only=padding                   # train.py's length-grouped micro-batches against drawn order
 
 Both stacks get the same random weights (copied in memory) and the same inputs, in this one process. A time is
 the median of `repeat` runs after one warmup run. Decode tokens/s is batch x (n - 1) / (time(n new tokens) -
 time(1 new token)): the prefill is excluded. Training steps are forward + backward on a fixed batch, weights in
-`dtype`. Peak memory is the model's parameters plus the most tensor memory the step holds above what was allocated
+`dtype`. The padding section trains on 8 micro-batches of rows with 100-400-token captions and 64-256 image
+tokens, cut in drawn order and length-grouped as train.py cuts them: padding fraction and real tokens/s. Peak
+memory is the model's parameters plus the most tensor memory the step holds above what was allocated
 before it (CUDA: the caching allocator's peak; CPU: the profiler's memory timeline). The decode bandwidth bound is
 the fastest read of a 1 GiB tensor (4 GiB on CUDA) by a sum: a read-only kernel, as decode only reads its weights.
 The quantize section runs last: it quantizes the model in place.
@@ -30,6 +33,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models
 
 from model import ArtemisConfig, ArtemisVLM, TextConfig
+from prepare import length_grouped
 from processor import CLIP_MEAN, CLIP_STD, Processor
 from quantize import quantize_int8
 from vision import VisionConfig
@@ -37,7 +41,7 @@ from vision import VisionConfig
 # -----------------------------------------------------------------------------
 preset = "a3" if torch.cuda.is_available() else "small"  # 'tiny' | 'small' (CPU) | 'a3' (the real shapes)
 n_layer = 0  # decoder layers; 0: the preset's (a3 has 40: fewer fit a 12B beside its reference copy)
-only = ""  # comma-separated subset of processor,vision,prefill,decode,train,serve,quantize; '': all
+only = ""  # comma-separated subset of processor,vision,prefill,decode,train,padding,serve,quantize; '': all
 reference = True  # also run transformers + artemis-vlm (when installed) on the same weights and inputs
 compile = True  # also time a torch.compile'd decode step (CUDA: with CUDA graphs)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +78,7 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
 }
 if preset not in PRESETS:
     die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
-SECTIONS = ("processor", "vision", "prefill", "decode", "train", "serve", "quantize")
+SECTIONS = ("processor", "vision", "prefill", "decode", "train", "padding", "serve", "quantize")
 sections = set(only.split(",")) if only else set(SECTIONS)
 if sections - set(SECTIONS):
     die(f"--only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
@@ -169,7 +173,7 @@ with torch.device(device):
     model = ArtemisVLM(config).eval()
 torch.set_default_dtype(torch.float32)
 ref = None
-if reference and sections - {"processor", "serve", "quantize"}:
+if reference and sections - {"processor", "padding", "serve", "quantize"}:
     torch.set_default_dtype(ptdtype)
     with torch.device(device):
         ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval()
@@ -329,6 +333,45 @@ if "train" in sections:
         mem, mem_ref = ((mems[stage, m] + param_bytes(m)) / 2**20 if (stage, m) in mems else None  # with the weights
                         for m in (model, ref))
         row(f"{stage} step peak memory", mem, mem_ref, "MiB", higher=False)
+
+# padding: the same rows cut into micro-batches in drawn order, and length-grouped as train.py cuts them ------------
+if "padding" in sections:
+    rng = np.random.default_rng(seed)
+    n_rows, f = 8 * batch_size, config.vision.patch_size * config.vision.spatial_merge_size
+    sides = rng.integers(256 // f, 512 // f + 1, (n_rows, 2)) * f  # 256-512 px a side: 64-256 image tokens at f=32
+    n_imgs, caps = sides.prod(1) // f**2, rng.integers(100, 401, n_rows)  # image tokens, caption tokens
+    lengths = 1 + P["prompt"] + n_imgs + caps
+
+    def micro_batch(rows):
+        ids = torch.zeros(len(rows), int(lengths[rows].max()), dtype=torch.long)
+        labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            a, b = 1 + P["prompt"] + n_imgs[r], lengths[r]
+            ids[i, :b] = torch.randint(100, c.vocab_size, (b,), generator=g)
+            ids[i, 1 + half:a - half] = IMG
+            labels[i, a:b], mask[i, :b] = ids[i, a:b], 1
+        grid = torch.tensor([(1, h // config.vision.patch_size, w // config.vision.patch_size) for h, w in sides[rows]])
+        pixels = torch.randn(int(grid.prod(-1).sum()), config.vision.in_channels * config.vision.temporal_patch_size
+                             * config.vision.patch_size ** 2, generator=g)
+        return [t.to(device) for t in (ids, pixels.to(ptdtype), grid, labels, mask)]
+
+    model.train().set_training_stage("stage2")
+    rate, padding = {}, {}
+    for order, batches in (("drawn order", np.arange(n_rows).reshape(-1, batch_size)),
+                           ("length-grouped", length_grouped(np.arange(n_rows), lengths, batch_size, rng))):
+        padding[order] = 1 - lengths.sum() / sum(int(lengths[b].max()) * len(b) for b in batches)
+        data = [micro_batch(b) for b in batches]
+
+        def steps():
+            for ids, pixels, grid, labels, mask in data:
+                model(ids, pixels, grid, labels=labels, attention_mask=mask)[1].backward()
+            model.zero_grad(set_to_none=True)
+
+        rate[order] = lengths.sum() / timed(steps, 1)  # the real tokens (padding excluded) per second
+    model.eval()
+    row(f"stage2 steps, {len(batches)} length-grouped micro-batches of {batch_size} (reference: drawn order)",
+        rate["length-grouped"], rate["drawn order"], "tok/s",
+        note=f"; padding {100 * padding['length-grouped']:.1f}% vs {100 * padding['drawn order']:.1f}%")
 
 # serving: serve.py's tokens/s with 1 and with 8 concurrent clients -------------------------------------------------
 if "serve" in sections:

@@ -32,9 +32,12 @@ Layout of out_dir (default data/<dataset>):
   {train,val}/NAME.bin      rows back to back, each a JSON line {"key", "messages", "sizes"} then its image bytes
                             (PNG for shapes, JPEG quality 95 for photos)
   {train,val}/NAME.idx.npy  int64 offsets of the rows in NAME.bin (n + 1 of them): O(1) random access
+  {train,val}/NAME.len.npy  int32 token count of each row, for length-grouped batches (absent in datasets prepared
+                            before it was recorded: those still read, their rows count as length 0)
   tokenizer.json, tokenizer_config.json, chat_template.jinja, preprocessor_config.json   (shapes only)
 Pieces are written under .tmp names and renamed when complete, then listed in done.jsonl, so an interrupted run
-never leaves a half-written piece that counts. Read a split with PreparedDataset(out_dir, 'train').
+never leaves a half-written piece that counts. Read a split with PreparedDataset(out_dir, 'train'), several prepared
+datasets drawn by weight with Mixture('data/llava:3,data/a2-text:1', 'train').
 """
 import glob
 import hashlib
@@ -90,6 +93,9 @@ class PreparedDataset:
         self.bins = [os.path.join(dir, split, n + '.bin') for n in names]
         self.offsets = [np.load(os.path.join(dir, split, n + '.idx.npy')) for n in names]
         self.starts = np.cumsum([0] + [len(o) - 1 for o in self.offsets])
+        self.lengths = np.concatenate([np.zeros(0, np.int32)] + [read_lengths(os.path.join(dir, split, n + '.len.npy'),
+                                                                              len(o) - 1)
+                                                                 for n, o in zip(names, self.offsets)])
 
     def __len__(self):
         return int(self.starts[-1])
@@ -108,6 +114,101 @@ class PreparedDataset:
         ends = np.cumsum([0] + row['sizes'])
         images = [load_image(io.BytesIO(body[s:e])) for s, e in zip(ends, ends[1:])]
         return {'messages': row['messages'], 'images': images}
+
+
+def read_lengths(path, n):
+    # datasets prepared before lengths were recorded still read: their rows count as length 0 (not grouped)
+    return np.load(path) if os.path.exists(path) else np.zeros(n, np.int32)
+
+
+def parse_mixture(spec):
+    """'data/llava:3,data/a2-text:1' -> [('data/llava', 3.0), ('data/a2-text', 1.0)]; a path alone weighs 1."""
+    out = []
+    for part in spec.split(','):
+        path, sep, w = part.strip().rpartition(':')
+        path, w = (path, w) if sep else (w, '1')
+        try:
+            w = float(w)
+        except ValueError:
+            raise ValueError(f"{part!r}: expected PATH or PATH:WEIGHT, and {w!r} is not a number") from None
+        if not 0 < w < float('inf'):
+            raise ValueError(f"{part!r}: the weight must be a positive number")
+        if not os.path.exists(os.path.join(path, 'meta.json')):
+            raise ValueError(f"{path!r} is not a prepared dataset (no meta.json): run prepare.py first")
+        if any(os.path.samefile(path, p) for p, _ in out):
+            raise ValueError(f"{path!r} is listed twice: give it one weight")
+        out.append((path, w))
+    return out
+
+
+class Mixture:
+    """Prepared datasets drawn by weight, from a spec like 'data/llava:3,data/a2-text:1'; one path is a mixture of
+    one. Rows are numbered source after source (ds[i] as PreparedDataset's); schedule() says which rows each
+    training step takes."""
+
+    def __init__(self, spec, split):
+        self.paths, weights = zip(*parse_mixture(spec))
+        self.weights = np.array(weights) / sum(weights)
+        self.sources = [PreparedDataset(p, split) for p in self.paths]
+        base = [os.path.basename(os.path.normpath(p)) for p in self.paths]
+        self.names = base if len(set(base)) == len(base) else list(self.paths)  # for the logs
+        self.processor_dir = self.sources[0].processor_dir
+        self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+        self.lengths = np.concatenate([s.lengths for s in self.sources])
+        self.perms = {}  # source -> (epoch, its permutation)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.starts, i, 'right')) - 1
+        return self.sources[k][i - int(self.starts[k])]
+
+    def schedule(self, step, batch_size, n_micro, window, seed):
+        """Each training step's n_micro micro-batches of batch_size row numbers, from `step` on, forever: a fixed
+        function of seed and step, so a resumed run and any world size see the same rows. Steps come in windows of
+        `window` (0: groups of 1, unsorted). Window w draws the source of each of its rows by weight, takes each
+        source's next rows in that source's epoch order (reshuffled by seed and epoch: a source that runs out starts
+        its next epoch), then sorts the rows by token length, cuts micro-batches from neighbours and shuffles those:
+        a micro-batch pads little, and a step still sees all lengths."""
+        W, n = max(window, 1), max(window, 1) * batch_size * n_micro  # steps and rows per window
+        w = step // W
+        used = sum((self.draw(seed, v, n)[1] for v in range(w)), np.zeros(len(self.sources), np.int64))
+        while True:
+            src, counts = self.draw(seed, w, n)
+            rows = np.empty(n, np.int64)
+            for k in range(len(self.sources)):
+                rows[src == k] = self.starts[k] + self.take(seed, k, used[k], counts[k])
+            used += counts
+            batches = length_grouped(rows, self.lengths[rows], batch_size, np.random.default_rng([seed, 2, w])) \
+                if window else rows.reshape(-1, batch_size)
+            for s in range(max(step - w * W, 0), W):
+                yield batches[s * n_micro:(s + 1) * n_micro].tolist()
+            w += 1
+
+    def draw(self, seed, w, n):
+        """The source of each of window w's n rows, and how many each gives."""
+        K = len(self.sources)
+        src = np.random.default_rng([seed, 0, w]).choice(K, n, p=self.weights) if K > 1 else np.zeros(n, np.int64)
+        return src, np.bincount(src, minlength=K)
+
+    def take(self, seed, k, start, count):
+        """Row numbers (within source k) of its rows start .. start+count-1 in epoch order, across epochs."""
+        N, c = len(self.sources[k]), np.arange(start, start + count)
+        out = np.empty(count, np.int64)
+        for e in np.unique(c // N):
+            if self.perms.get(k, (None,))[0] != e:
+                self.perms[k] = e, np.random.default_rng([seed, 1, k, e]).permutation(N)
+            at = c // N == e
+            out[at] = self.perms[k][1][c[at] % N]
+        return out
+
+
+def length_grouped(rows, lengths, batch_size, rng):
+    """rows (n,) with their token counts -> (n / batch_size, batch_size) micro-batches of rows of similar length
+    (sorted, then cut), in an order shuffled by rng, so the steps still mix short and long."""
+    batches = rows[np.argsort(lengths, kind='stable')].reshape(-1, batch_size)
+    return batches[rng.permutation(len(batches))]
 
 
 def read_done(dir):
@@ -238,12 +339,13 @@ class Piece:
     """One split's output of one work unit, appended row by row to a .tmp file and renamed when complete."""
 
     def __init__(self, split, name):
-        self.path, self.f, self.offsets = os.path.join(out_dir, split, name), None, [0]
+        self.path, self.f, self.offsets, self.lengths = os.path.join(out_dir, split, name), None, [0], []
 
-    def add(self, blob):
+    def add(self, blob, n_tokens):
         self.f = self.f or open(self.path + '.bin.tmp', 'wb')
         self.f.write(blob)
         self.offsets.append(self.offsets[-1] + len(blob))
+        self.lengths.append(n_tokens)
 
     def close(self, keep=True):
         if self.f is None:
@@ -254,8 +356,10 @@ class Piece:
             return
         with open(self.path + '.idx.npy.tmp', 'wb') as f:  # a file object, or np.save appends .npy to the name
             np.save(f, np.array(self.offsets, dtype=np.int64))
-        os.replace(self.path + '.bin.tmp', self.path + '.bin')
-        os.replace(self.path + '.idx.npy.tmp', self.path + '.idx.npy')
+        with open(self.path + '.len.npy.tmp', 'wb') as f:
+            np.save(f, np.array(self.lengths, dtype=np.int32))
+        for ext in ('.bin', '.idx.npy', '.len.npy'):
+            os.replace(self.path + ext + '.tmp', self.path + ext)
 
 
 def encode(image, fmt):
@@ -297,7 +401,7 @@ def work(unit):
             blobs = [encode(im, fmt) for im in images]
             head = json.dumps({'key': key, 'messages': messages, 'sizes': [len(b) for b in blobs]})
             split = 'val' if is_val(key) else 'train'
-            pieces[split].add(head.encode() + b'\n' + b''.join(blobs))
+            pieces[split].add(head.encode() + b'\n' + b''.join(blobs), n)
             counts[split] += 1
             counts[f'{split} turns'] += sum(m['role'] == 'assistant' for m in messages)
     except Exception as e:  # the source itself is unreadable (e.g. a truncated tar): leave it for a re-run

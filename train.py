@@ -9,8 +9,11 @@ stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n
 vision tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters
 get optimizer state. Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py, artemis-vlm and
 transformers load them) with the tokenizer and `train_state.pt`, the resume state: optimizer, step, RNG. The data
-order is a fixed function of seed and step, so the step is the data position.
+order is a fixed function of seed and step, so the step is the data position. `dataset` may mix prepared datasets
+by weight ("data/llava:3,data/a2-text:1": Stage 2 with text rehearsal); eval reports each source's held-out loss and
+captions a few held-out images. Micro-batches are cut from rows of similar length, so they pad little.
 """
+import itertools
 import json
 import math
 import os
@@ -27,8 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import ArtemisConfig, ArtemisVLM, TextConfig, read_tensors, resolve
-from prepare import PreparedDataset
-from processor import Processor
+from prepare import Mixture
+from processor import Processor, _has_think
 from vision import VisionConfig
 
 # -----------------------------------------------------------------------------
@@ -36,7 +39,8 @@ from vision import VisionConfig
 out_dir = "out"
 eval_interval = 500
 log_interval = 10
-eval_iters = 40  # held-out batches per eval
+eval_iters = 40  # held-out batches per eval and source
+eval_samples = 4  # held-out images captioned greedily at each eval, beside their reference text; 0: off
 eval_only = False
 always_save_checkpoint = True  # else only when the held-out loss improves
 init_from = "parts"  # 'parts' | 'pretrained' | 'resume' | 'scratch'
@@ -45,7 +49,8 @@ vision_model = "Qwen/Qwen3-VL-2B-Instruct"  # parts: its model.visual.* tensors
 pretrained = "schneewolflabs/A3"  # pretrained: an artemis checkpoint
 image_token_id = 22  # parts: <|image_pad|> in the decoder's vocabulary
 # data
-dataset = "data/blip3o"  # a directory written by prepare.py
+dataset = "data/blip3o"  # a directory written by prepare.py, or a weighted mixture: "data/llava:3,data/a2-text:1"
+length_window = 16  # sort each window of this many steps' rows by length before cutting micro-batches; 0: off
 batch_size = 2  # per process, per micro-step
 gradient_accumulation_steps = 16  # global: divided between the processes
 num_workers = 2  # data loader processes: decode and preprocess off the training step's critical path
@@ -105,6 +110,9 @@ if train_on not in ("all", "last"):
 for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if globals()[k] < 1:
         die(f"{k}={globals()[k]}, expected at least 1")
+for k in ("length_window", "eval_samples"):
+    if globals()[k] < 0:
+        die(f"{k}={globals()[k]}, expected 0 (off) or more")
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 if fsdp and not ddp:
     die("fsdp=True shards over processes: launch with torchrun --nproc_per_node=N")
@@ -133,10 +141,16 @@ if master:
 ckpt_dir = os.path.join(out_dir, "ckpt")
 
 # data -------------------------------------------------------------------------------------------------------------
-if not os.path.exists(os.path.join(dataset, "meta.json")):  # before a 12B model loads for nothing
-    die(f"dataset={dataset!r} is not a prepared dataset (no meta.json): run prepare.py first")
-train_ds, val_ds = PreparedDataset(dataset, "train"), PreparedDataset(dataset, "val")
-steps_per_epoch = len(train_ds) // global_batch
+try:  # before a 12B model loads for nothing
+    train_ds, val_ds = Mixture(dataset, "train"), Mixture(dataset, "val")
+except ValueError as e:
+    die(f"dataset={dataset!r}: {e}")
+for path, src in zip(train_ds.paths, train_ds.sources):
+    if len(src) == 0:
+        die(f"dataset={dataset!r}: {path} has no training rows")
+    if master and not src.lengths.all():
+        print(f"note: {path} was prepared before row lengths were recorded: its rows are not length-grouped")
+steps_per_epoch = len(train_ds) // global_batch  # a mixture's epoch: as many rows as all its sources hold
 max_iters = max_iters or steps_per_epoch
 if steps_per_epoch == 0:
     die(f"{dataset} has {len(train_ds)} training rows, fewer than one global batch "
@@ -216,6 +230,9 @@ if fsdp:
     for layer in model.language_model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    # a micro-batch of text-only rows leaves the projector without a gradient on that process alone: reduce zeros
+    # for it, or the processes' reduce-scatters would differ
+    model.set_reduce_scatter_unused_params(True)
 train_model = torch.compile(model) if compile else model
 if ddp and not fsdp:  # find_unused_parameters: a micro-batch of text-only rows leaves the vision side without grads
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None,
@@ -234,17 +251,11 @@ for name, (module, lr) in parts.items():
 optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
 
 def train_batches(start_iter):
-    """This process's micro-batches from optimizer step `start_iter` on. Step s of epoch e takes rows
-    perm_e[s*G:(s+1)*G] (G the global batch), so any world size sees the same rows per step."""
-    it = start_iter
-    while True:
-        epoch, s = divmod(it, steps_per_epoch)
-        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        rows = perm[s * global_batch:(s + 1) * global_batch]
-        for m in range(accum):
-            chunk = rank * accum + m
-            yield rows[chunk * batch_size:(chunk + 1) * batch_size]
-        it += 1
+    """This process's micro-batches from optimizer step `start_iter` on. The mixture's schedule gives each step's
+    gradient_accumulation_steps micro-batches as a fixed function of seed and step; process r takes the r-th
+    share, so any world size sees the same micro-batches per step."""
+    for micro in train_ds.schedule(start_iter, batch_size, gradient_accumulation_steps, length_window, seed):
+        yield from micro[rank * accum:(rank + 1) * accum]
 
 
 def own_group(worker_id):
@@ -273,18 +284,59 @@ def forward(m, batch):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the first eval_iters batches of the held-out split, split between the processes."""
+    """Mean loss over the first eval_iters batches of each source's held-out split, split between the processes:
+    (the sources' losses averaged by mixture weight, {source: loss})."""
     model.eval()
-    n = min(eval_iters * batch_size, len(val_ds))
-    n -= n % (world * batch_size)  # the same number of forwards on every process: FSDP's gathers are collective
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(rank * batch_size, n, world * batch_size)]
-    total = torch.zeros(2, device=device)
-    for batch in loader(val_ds, batches):
-        total += torch.stack([forward(model, to_device(batch)).float(), torch.ones((), device=device)])
+    total = torch.zeros(len(val_ds.sources), 2, device=device)
+    for k, (a, b) in enumerate(zip(val_ds.starts.tolist(), val_ds.starts[1:].tolist())):
+        n = min(eval_iters * batch_size, b - a)
+        n -= n % (world * batch_size)  # the same number of forwards on every process: FSDP's gathers are collective
+        batches = [list(range(a + i, a + i + batch_size)) for i in range(rank * batch_size, n, world * batch_size)]
+        for batch in loader(val_ds, batches):
+            total[k] += torch.stack([forward(model, to_device(batch)).float(), torch.ones((), device=device)])
     if ddp:
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item() if total[1] else float("nan")
+    losses = dict(zip(val_ds.names, (total[:, 0] / total[:, 1]).tolist()))  # nan: a source without val rows
+    w = {name: wk for name, wk in zip(val_ds.names, val_ds.weights) if not math.isnan(losses[name])}
+    return sum(w[name] * losses[name] for name in w) / sum(w.values()) if w else float("nan"), losses
+
+
+def reply_text(message):
+    c = message["content"]
+    return c if isinstance(c, str) else " ".join(x["text"] for x in c if x.get("type") == "text")
+
+
+# the held-out rows captioned at each eval: the first eval_samples with images, source by source (a text-only source
+# is given up after 64 rows), as the A3 card compares its releases on 4 fixed held-out images
+held_out = (src[i] for src in val_ds.sources for i in range(min(len(src), 64)))
+samples = list(itertools.islice((r for r in held_out if r["images"]), eval_samples))
+
+
+@torch.no_grad()
+def eval_captions():
+    """Greedy replies (150 new tokens at most, as on the card) to the samples' prompts: the messages before the
+    assistant's reference reply."""
+    prompts = [processor.apply_chat_template(r["messages"][:-1], add_generation_prompt=True,
+                                             enable_thinking=_has_think(r["messages"][-1].get("content", "")))
+               for r in samples]
+    batch = to_device(processor(prompts, images=[im for r in samples for im in r["images"]], padding_side="left"))
+    model.eval()
+    if fsdp:  # the layers gather their own shards when called; generate never calls the root's forward
+        model.unshard()
+    with autocast:  # no early stop under FSDP: every process must run the same number of (collective) steps
+        out = model.generate(batch["input_ids"], 150, temperature=0, pixel_values=batch["pixel_values"],
+                             image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"],
+                             stop_ids=None if fsdp else processor.stop_ids)
+    if fsdp:
+        model.reshard()
+    model.clear_caches()  # the KV cache is not training state
+    model.train()
+    replies = []
+    for ids in out[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((j for j, t in enumerate(ids) if t in processor.stop_ids), len(ids))
+        replies.append(processor.decode(ids[:end]).strip())
+    return replies
 
 
 def get_lr(it):
@@ -327,7 +379,7 @@ if state is not None:
     iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
     was = state["config"]
     changed = [k for k in ("dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage",
-                           "warmup_frac", "vision_top_n") if was.get(k) != config[k]]
+                           "warmup_frac", "vision_top_n", "length_window") if was.get(k) != config[k]]
     if changed:  # the data order and the lr schedule are functions of these
         die(f"resume with other {', '.join(changed)} than the run in {ckpt_dir} "
                          f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
@@ -374,10 +426,15 @@ while True:
         g["lr"] = g["base_lr"] * lr_mult
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        val_loss = estimate_loss()
+        val_loss, val_losses = estimate_loss()
+        replies = eval_captions() if samples and (master or fsdp) else []  # FSDP: every process in each forward
         if master:
-            print(f"iter {iter_num}: val loss {val_loss:.4f}")
-            log(iter=iter_num, val_loss=val_loss)
+            print(f"iter {iter_num}: val loss {val_loss:.4f}" + (
+                f" ({', '.join(f'{k} {v:.4f}' for k, v in val_losses.items())})" if len(val_losses) > 1 else ""))
+            captions = [{"reference": reply_text(r["messages"][-1]), "caption": c} for r, c in zip(samples, replies)]
+            for i, c in enumerate(captions):
+                print(f"  held-out {i} reference: {c['reference']!r}\n  held-out {i} caption:   {c['caption']!r}")
+            log(iter=iter_num, val_loss=val_loss, val_losses=val_losses, captions=captions)
         if iter_num > 0 and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
             save_checkpoint()

@@ -16,7 +16,8 @@ from vision import VisionConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--head_dim=16", "--intermediate_size=64",
         "--vision_depth=1", "--vision_hidden=32", "--vision_heads=2", "--vision_out=32", "--num_workers=0",
-        "--device=cpu", "--dtype=float32", "--batch_size=4", "--eval_iters=2", "--log_interval=1"]
+        "--device=cpu", "--dtype=float32", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+        "--eval_samples=0"]  # captions at eval: tested in test_mixture.py
 
 
 @pytest.fixture(scope="module")
