@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vision import VisionConfig, VisionTower, rotate_half
@@ -620,18 +620,28 @@ def read_tensors(path, rename, dtype, device):
     into `dtype` on `device`, so host memory holds at most one copy of the weights."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" of tensor names to shard files")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     sd = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for k in f.keys():
-                new = rename(k)
-                if new is not None:
-                    t = f.get_tensor(k)
-                    sd[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: not found, though {index} maps tensors to it (a shard missing from "
+                                    "the download?)")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    new = rename(k)
+                    if new is not None:
+                        t = f.get_tensor(k)
+                        sd[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        except SafetensorError as e:  # cut short by an interrupted copy or download, or not safetensors at all
+            raise ValueError(f"{file}: truncated or not a safetensors file ({e})") from None
     return sd
 

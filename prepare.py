@@ -455,8 +455,12 @@ if __name__ == '__main__':
     settings = {k: v for k, v in cfg.items() if k not in ('out_dir', 'num_workers')}
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):  # resuming: only the same options may add to what is there
-        with open(meta_path) as f:
-            old = json.load(f)['config']
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)['config']
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"{meta_path}: not a meta.json prepare.py wrote ({type(e).__name__}: {e}); delete {out_dir} or "
+                 "give another --out_dir")
         diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
         if diff:
             fail(f"{out_dir} was prepared with other options "

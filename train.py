@@ -168,7 +168,12 @@ def init_model():
     state = None
     if init_from == "resume":
         ckpt = resolve(ckpt_dir)  # or the previous checkpoint, where a save stopped halfway through its swap
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+        path = os.path.join(ckpt, "train_state.pt")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # missing, truncated or not a torch.save file: pickle and zip raise many kinds
+            raise ValueError(f"{path}: unreadable resume state ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         model = ArtemisVLM.from_pretrained(ckpt, dtype=frozen_dtype, device=device)
         processor = Processor.from_pretrained(ckpt)
     elif init_from == "pretrained":

@@ -239,3 +239,12 @@ def test_bad_arguments(tmp_path, args, words):
     assert rc == 2 and out == "" and "Traceback" not in err and line.startswith("error:")
     assert all(w in line for w in words), line
     assert not (tmp_path / "data").exists()
+
+
+def test_damaged_meta_is_one_line(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "meta.json").write_text('{"config": {"dataset": "sha')  # cut short
+    rc, out, err = prepare(tmp_path, "--dataset=shapes", "--num_samples=10", "--out_dir=out")
+    lines = [line for line in err.splitlines() if not line.startswith("overriding:")]  # configurator's echo
+    assert rc == 2 and out == "" and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {os.path.join('out', 'meta.json')}: not a meta.json prepare.py wrote"), err

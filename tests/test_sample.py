@@ -139,6 +139,15 @@ def bad_dirs(d):
     if not (d / "notok").exists():
         shutil.copytree(d / "scripted", d / "notok")
         os.remove(d / "notok" / "tokenizer.json")
+    if not (d / "truncated").exists():  # an interrupted copy or download
+        shutil.copytree(d / "scripted", d / "truncated")
+        weights = (d / "truncated" / "model.safetensors").read_bytes()
+        (d / "truncated" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    if not (d / "noshard").exists():  # a sharded checkpoint with one shard missing
+        ArtemisVLM.from_pretrained(d / "scripted").save_pretrained(str(d / "noshard"), max_shard_size=200_000,
+                                                                   write_extra=Processor.from_pretrained(
+                                                                       d / "scripted").save_pretrained)
+        os.remove(sorted((d / "noshard").glob("model-*.safetensors"))[1])
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -147,11 +156,13 @@ def bad_dirs(d):
     (["--init_from={dir}/empty"], ["--init_from", "empty/config.json"]),
     (["--init_from={dir}/llama"], ["--init_from", "artemis_vlm"]),
     (["--init_from={dir}/notok"], ["--init_from", "tokenizer.json"]),
+    (["--init_from={dir}/truncated"], ["--init_from", "truncated/model.safetensors", "truncated"]),
+    (["--init_from={dir}/noshard"], ["--init_from", "noshard/model-00002-of-", "index.json"]),
     (["--tempreature=0"], ["tempreature", "temperature"]),
     (["--prompt=" + "x" * 200, "--max_new_tokens=1"], ["context of 128", "max_position_embeddings"]),
     (["--image={a}", "--max_new_tokens=100"], ["--max_new_tokens=100", "context of 128"]),
-], ids=["missing-image", "unreadable-image", "no-config", "not-artemis", "no-tokenizer", "unknown-option",
-        "long-prompt", "long-answer"])
+], ids=["missing-image", "unreadable-image", "no-config", "not-artemis", "no-tokenizer", "truncated-weights",
+        "missing-shard", "unknown-option", "long-prompt", "long-answer"])
 def test_one_line_errors(files, args, expect):
     bad_dirs(files["dir"])
     args = [a.format(dir=files["dir"], a=files["a"], bad=files["bad"]) for a in args]

@@ -2,6 +2,7 @@
 trains, and that its checkpoints load in artemis-vlm."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,3 +162,23 @@ def test_bad_train_on_is_one_line(tmp_path, data):
 def test_missing_dataset_is_one_line(tmp_path):
     p = train(tmp_path, str(tmp_path / "nope"), "--init_from=scratch", check=False)
     assert p.returncode == 2 and "is not a prepared dataset" in p.stderr and "Traceback" not in p.stderr
+
+
+def one_error(p):
+    lines = [line for line in p.stderr.splitlines() if not line.startswith("overriding:")]  # configurator's echo
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    return lines[0]
+
+
+def test_damaged_checkpoint_is_one_line(tmp_path, data, tiny_ckpt):
+    """Weights cut short by an interrupted copy, or a resume state that is not one: one line naming the file."""
+    shutil.copytree(tiny_ckpt, tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    msg = one_error(train(tmp_path / "out", data, "--init_from=pretrained", f"--pretrained={tmp_path / 'cut'}",
+                          check=False))
+    assert f"{weights}: truncated or not a safetensors file" in msg
+    shutil.copytree(tiny_ckpt, tmp_path / "run" / "ckpt")
+    (tmp_path / "run" / "ckpt" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    msg = one_error(train(tmp_path / "run", data, "--init_from=resume", check=False))
+    assert f"{tmp_path / 'run' / 'ckpt' / 'train_state.pt'}: unreadable resume state" in msg
