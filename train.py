@@ -85,6 +85,7 @@ grad_clip = 1.0  # 0: off
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns it off
 compile = False
+threads = 0  # CPU intra-op threads of the step; 0: torch's default, one per core (which the loader workers then share)
 fsdp = False  # multi-GPU: shard decoder layers with FSDP2 instead of replicating with DDP
 seed = 1337
 peak_flops = 989e12  # per GPU, for MFU: H100 SXM dense bf16
@@ -130,6 +131,8 @@ else:
 master = rank == 0
 accum = gradient_accumulation_steps // world  # micro-steps per process and optimizer step
 global_batch = batch_size * gradient_accumulation_steps
+if threads:
+    torch.set_num_threads(threads)
 torch.manual_seed(seed)
 random.seed(seed)
 np.random.seed(seed)
