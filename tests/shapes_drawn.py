@@ -35,7 +35,8 @@ PALETTE = {  # MS Paint's swatches, CSS named colors and a darker shade of each
     "blue": [(63, 72, 204), (0, 0, 255), (0, 112, 192)],
     "purple": [(163, 73, 164), (128, 0, 128), (112, 48, 160)],
 }
-GROUNDS = {"white": [(255, 255, 255)], "black": [(0, 0, 0)], "gray": [(128, 128, 128), (112, 112, 112), (150, 150, 150)]}
+GROUNDS = {"white": [(255, 255, 255)], "black": [(0, 0, 0)],
+           "gray": [(128, 128, 128), (112, 112, 112), (150, 150, 150)]}
 CANVASES = [(160, 160), (200, 200), (256, 256), (512, 512), (320, 240), (400, 300), (640, 480), (480, 640), (500, 300),
             (300, 450), (800, 600)]
 EXTENT = {"small": (0.36, 0.48), "large": (0.72, 0.9)}  # of the canvas's short side
@@ -109,7 +110,8 @@ if __name__ == "__main__":
                 w, g = want.split(), got.split()
                 for k, what in ((1, "size"), (2, "color"), (3, "shape"), (6, "background")):
                     words[what] += len(g) != len(w) or w[k] != g[k]
+    misses = f"; wrong: {', '.join(f'{v} {k}' for k, v in words.items())}" if wrong else ""
     print(f"{right}/{n} = {100 * right / n:.1f}% exact captions of drawings made by another routine "
-          f"({time.time() - t0:.1f} s)" + (f"; wrong: {', '.join(f'{v} {k}' for k, v in words.items())}" if wrong else ""))
+          f"({time.time() - t0:.1f} s){misses}")
     for want, got in wrong[:5]:
         print(f"  want {want!r}\n  got  {got!r}")
