@@ -246,16 +246,16 @@ def test_chunked_loss_equals_the_full_logits_loss(tmp_path, dtype):
         assert torch.allclose(model(ids, labels=labels)[1], want, rtol=1e-6, atol=0)
 
 
-def test_compiled_decode_is_captured_once(tmp_path, monkeypatch):
+def test_compiled_decode_is_captured_once(tmp_path):
     """One compilation of decode_one (the CPU recipe: inductor, frozen weights) serves every token of prompts of
     different lengths (the cache is reused, so its shapes never change), and gives the eager tokens."""
     _, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": 6})
     model = ArtemisVLM.from_pretrained(path).eval()
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     step = model.compile_decode()
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
+    # dynamo's own patch, not monkeypatch: setattr/undo on its config module leaves the key unreadable for later tests
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for T, n in ((7, 12), (19, 5), (3, 30)):
             ids = torch.randint(30, 90, (1, T), generator=g)
             want = model.generate(ids, n, temperature=0)
