@@ -198,7 +198,7 @@ def _compile(template):
     return env.from_string(template)
 
 
-def _has_think(content):  # a string, or a list of content items with text
+def has_think(content):  # a string, or a list of content items with text
     texts = [c.get("text") for c in content if isinstance(c, dict)] if isinstance(content, list) else [content]
     return any(isinstance(t, str) and "<think>" in t and "</think>" in t for t in texts)
 
@@ -433,7 +433,7 @@ class Processor:
                 raise ValueError(f"collate: row {i}: the last message must be the assistant's target, got {role!r}")
             # a row without real reasoning renders with the empty think block in its prompt, so the model is never
             # trained to emit one itself (artemis-vlm's auto_detect_thinking)
-            think = not auto_detect_thinking or _has_think(msgs[-1].get("content", ""))
+            think = not auto_detect_thinking or has_think(msgs[-1].get("content", ""))
             full = self.apply_chat_template(msgs, enable_thinking=think)
             prompt = self.apply_chat_template(msgs[:-1], add_generation_prompt=True, enable_thinking=think)
             pv, grid = self.preprocess(images) if images else (None, None)
@@ -475,7 +475,7 @@ class Processor:
             if msg.get("role") != "assistant":
                 continue
             # as for the last turn: with no reasoning, an empty think block the template shows belongs to the prompt
-            reasoning = _has_think(msg.get("content", "")) or any(
+            reasoning = has_think(msg.get("content", "")) or any(
                 msg.get(k) for k in ("reasoning_content", "thinking", "reasoning"))
             prompt = self.apply_chat_template(msgs[:j], add_generation_prompt=True,
                                               enable_thinking=not auto_detect_thinking or reasoning)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import ArtemisConfig, ArtemisVLM, TextConfig, read_tensors, resolve
 from prepare import Mixture
-from processor import Processor, _has_think
+from processor import Processor, has_think
 from vision import VisionConfig
 
 # -----------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def eval_captions():
     """Greedy replies (150 new tokens at most, as on the card) to the samples' prompts: the messages before the
     assistant's reference reply."""
     prompts = [processor.apply_chat_template(r["messages"][:-1], add_generation_prompt=True,
-                                             enable_thinking=_has_think(r["messages"][-1].get("content", "")))
+                                             enable_thinking=has_think(r["messages"][-1].get("content", "")))
                for r in samples]
     batch = to_device(processor(prompts, images=[im for r in samples for im in r["images"]], padding_side="left"))
     model.eval()
