@@ -158,9 +158,7 @@ def caption_folder(model, processor, decode_one, paths):
     sink = open(out, "a", encoding="utf-8") if out else sys.stdout
     if text and not text.endswith("\n"):
         sink.write("\n")
-    content = [{"type": "image"}, {"type": "text", "text": prompt}]
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-    chat = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking == "on")
+    chat = chat_prompt(processor, 1)
     with tqdm(total=len(todo), unit="img", file=sys.stderr, desc="captions") as bar:
         for i in range(0, len(todo), batch_size):
             paths, images = [], []
@@ -178,12 +176,16 @@ def caption_folder(model, processor, decode_one, paths):
         sink.close()
 
 
+def chat_prompt(processor, n_images):
+    """The templated user turn: n_images images, then --prompt, after --system when given."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking == "on")
+
+
 def sample_prompt(model, processor, decode_one, images):
     try:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        chat = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking == "on")
-        inputs = processor(chat, images=images)
+        inputs = processor(chat_prompt(processor, len(images)), images=images)
     except ValueError as e:
         die(e)
     ids = inputs["input_ids"].to(device)  # (1, T)
