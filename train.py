@@ -461,6 +461,8 @@ while True:
         batch = next(batches)  # the loader workers prepared it while the GPU worked
         loss.backward()
         losses += loss.detach()
+    for p in (p for g in groups for p in g["params"] if p.grad is None):  # a step of text-only rows: the vision side
+        p.grad = torch.zeros_like(p)  # steps on its momentum, as under FSDP, whose reduce-scatter gives it zeros
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], grad_clip)
     optimizer.step()
