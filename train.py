@@ -200,9 +200,12 @@ def init_model():
                               patch_size=processor.patch_size, spatial_merge_size=processor.merge_size,
                               temporal_patch_size=processor.temporal_patch_size, deepstack_visual_indexes=[])
         model = ArtemisVLM(ArtemisConfig(text, vision, processor.image_token_id)).to(device)
-        for name, p in model.named_parameters():  # transformers' init: normal(0, 0.02), zero biases, unit norms
+        # normal(0, 1/sqrt(fan_in)), zero biases, unit norms. transformers' std 0.02 is about 1/sqrt(fan_in) at widths
+        # of 2500; at this demo's 64-384 it starts every matmul 2.5-6x too small and the attention near uniform, and the
+        # shapes demo reached 94.6% held-out in 4500 iters where this init reaches 98.7% in 3000
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.02)
+                torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
             elif "norm" not in name:
                 torch.nn.init.zeros_(p)
     else:
