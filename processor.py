@@ -435,13 +435,10 @@ class Processor:
             # trained to emit one itself (artemis-vlm's auto_detect_thinking)
             think = not auto_detect_thinking or has_think(msgs[-1].get("content", ""))
             full = self.apply_chat_template(msgs, enable_thinking=think)
-            prompt = self.apply_chat_template(msgs[:-1], add_generation_prompt=True, enable_thinking=think)
             pv, grid = self.preprocess(images) if images else (None, None)
             full, = self._expand([full], grid, f"collate: row {i}")
-            k = prompt.count(IMAGE_TOKEN)
-            prompt, = self._expand([prompt], grid[:k] if k else None, f"collate: row {i} prompt")
             ids = torch.tensor(self.tokenizer.encode(full).ids)
-            start = len(self.tokenizer.encode(prompt).ids)
+            start = len(self._prompt_ids(msgs[:-1], think, grid, f"collate: row {i} prompt"))
             target = torch.zeros(len(ids), dtype=torch.bool)
             target[start:] = True  # the last turn, to the end of the row: artemis-vlm's labels
             if train_on == "all":
@@ -458,6 +455,13 @@ class Processor:
         if pixels:
             batch.update(pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
         return batch
+
+    def _prompt_ids(self, msgs, think, grid, where):
+        """Token ids of the generation prompt that follows msgs, its image pads expanded by the first of grid's rows."""
+        prompt = self.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=think)
+        k = prompt.count(IMAGE_TOKEN)
+        prompt, = self._expand([prompt], grid[:k] if k else None, where)
+        return self.tokenizer.encode(prompt).ids
 
     def _earlier_turns(self, msgs, ids, limit, grid, auto_detect_thinking, where):
         """Token spans [a, b) of the assistant turns before the last (whose target starts at token limit), from renders
@@ -477,11 +481,7 @@ class Processor:
             # as for the last turn: with no reasoning, an empty think block the template shows belongs to the prompt
             reasoning = has_think(msg.get("content", "")) or any(
                 msg.get(k) for k in ("reasoning_content", "thinking", "reasoning"))
-            prompt = self.apply_chat_template(msgs[:j], add_generation_prompt=True,
-                                              enable_thinking=not auto_detect_thinking or reasoning)
-            k = prompt.count(IMAGE_TOKEN)
-            prompt, = self._expand([prompt], grid[:k] if k else None, where)
-            q = self.tokenizer.encode(prompt).ids
+            q = self._prompt_ids(msgs[:j], not auto_detect_thinking or reasoning, grid, where)
             marks = [t + 1 for t, x in enumerate(q) if x in stops]
             n = len(marks)
             f, p = (ends[n - 1], marks[-1]) if 0 < n <= len(ends) else (0, 0)
@@ -497,3 +497,8 @@ class Processor:
     def decode(self, ids, skip_special_tokens=True):
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def reply(self, ids):
+        """The text of generated ids up to their first stop id (generate repeats it while a batch's other rows finish)."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.decode(ids[:next((k for k, t in enumerate(ids) if t in self.stop_ids), len(ids))])

@@ -138,10 +138,8 @@ def caption(model, processor, decode_one, chat, paths, images):
     ids = inputs["input_ids"].to(device)  # (B, T)
     got = model.generate(ids, max_new_tokens, temperature, top_k, top_p, inputs["pixel_values"].to(device),
                          inputs["image_grid_thw"], inputs["attention_mask"].to(device), processor.stop_ids,
-                         decode_one)[:, ids.shape[1]:].tolist()
-    stops = set(processor.stop_ids)
-    ends = [next((k for k, t in enumerate(row) if t in stops), len(row)) for row in got]
-    return [(p, processor.decode(row[:e])) for p, row, e in zip(paths, got, ends)]
+                         decode_one)[:, ids.shape[1]:]
+    return [(p, processor.reply(row)) for p, row in zip(paths, got)]
 
 
 def caption_folder(model, processor, decode_one, paths):

@@ -260,6 +260,7 @@ for name, (module, lr) in parts.items():
         if sel:
             groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
 optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
+params = [p for g in groups for p in g["params"]]
 
 def train_batches(start_iter):
     """This process's micro-batches from optimizer step `start_iter` on. The mixture's schedule gives each step's
@@ -343,11 +344,7 @@ def eval_captions():
         model.reshard()
     model.clear_caches()  # the KV cache is not training state
     model.train()
-    replies = []
-    for ids in out[:, batch["input_ids"].shape[1]:].tolist():
-        end = next((j for j, t in enumerate(ids) if t in processor.stop_ids), len(ids))
-        replies.append(processor.decode(ids[:end]).strip())
-    return replies
+    return [processor.reply(ids).strip() for ids in out[:, batch["input_ids"].shape[1]:]]
 
 
 def get_lr(it):
@@ -464,10 +461,11 @@ while True:
         batch = next(batches)  # the loader workers prepared it while the GPU worked
         loss.backward()
         losses += loss.detach()
-    for p in (p for g in groups for p in g["params"] if p.grad is None):  # a step of text-only rows: the vision side
-        p.grad = torch.zeros_like(p)  # steps on its momentum, as under FSDP, whose reduce-scatter gives it zeros
+    for p in params:
+        if p.grad is None:  # a step of text-only rows: the vision side steps on its momentum, as under FSDP,
+            p.grad = torch.zeros_like(p)  # whose reduce-scatter of unused parameters gives it zeros
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
