@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -162,6 +163,18 @@ def read_bandwidth():
     return x.numel() * x.element_size() / min(ts)
 
 
+def decode_rate(gen, B=1):
+    """Tokens/s of gen(n), a greedy generate of n new tokens for B rows, the prefill excluded."""
+    with torch.inference_mode():
+        t1, tn = timed(lambda: gen(1)), timed(lambda: gen(new_tokens))
+    return B * (new_tokens - 1) / (tn - t1)
+
+
+def kv_read_bytes(T):
+    """KV-cache bytes a batch-1 decode step reads after a T-token prompt, on average over new_tokens steps."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize * (T + new_tokens // 2)
+
+
 # models -------------------------------------------------------------------------------------------------------
 text = dict(P["text"], sliding_window=None, tie_word_embeddings=False)
 if n_layer:
@@ -260,16 +273,11 @@ if "prefill" in sections:
 if "decode" in sections:
     ids1, pixels1, grid1 = inputs(1, answer=False)
     step = model.compile_decode() if compile else None
-    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize
     weight_bytes = param_bytes(model.language_model) - param_bytes(model.language_model.model.embed_tokens)
     for B in (1, 8):
         ids, pixels, grid = ids1.repeat(B, 1), pixels1.repeat(B, 1), grid1.repeat(B, 1)
 
-        def rate(gen):
-            with torch.inference_mode():
-                t1, tn = timed(lambda: gen(1)), timed(lambda: gen(new_tokens))
-            return B * (new_tokens - 1) / (tn - t1)
-
+        rate = partial(decode_rate, B=B)
         eager = rate(lambda n: model.generate(ids, n, temperature=0, pixel_values=pixels, image_grid_thw=grid))
         theirs = ref and rate(lambda n: ref.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
                                                      max_new_tokens=n, do_sample=False))
@@ -286,7 +294,7 @@ if "decode" in sections:
         model.clear_caches()
         if B == 1:  # batch 1 reads every weight once per token: memory bandwidth is the bound
             bw = read_bandwidth()
-            per_token = weight_bytes + kv_bytes * (ids.shape[1] + new_tokens // 2)
+            per_token = weight_bytes + kv_read_bytes(ids.shape[1])
             best = max(r for r in (eager, compiled) if r)
             bandwidth_note = (f"decode, batch 1: {best * per_token / 1e9:.1f} GB/s of a measured {bw / 1e9:.1f} GB/s "
                               f"read bandwidth = {100 * best * per_token / bw:.0f}% of the bound "
@@ -455,17 +463,13 @@ if "quantize" in sections:
     a3_bytes = state_bytes(big), state_bytes(quantize_int8(big))
     del big
     ids1, pixels1, grid1 = inputs(1, answer=False)
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize  # bytes per cached token
-    kv *= ids1.shape[1] + new_tokens // 2  # read per token, on average over the decode
+    kv = kv_read_bytes(ids1.shape[1])
 
-    def decode_rate(step):  # batch-1 tokens/s, the prefill excluded as in the decode rows
-        def gen(n):
-            model.generate(ids1, n, temperature=0, pixel_values=pixels1, image_grid_thw=grid1, decode_one=step)
-
-        with torch.inference_mode():
-            t1, tn = timed(lambda: gen(1)), timed(lambda: gen(new_tokens))
+    def step_rate(step):  # batch-1 tokens/s of model.generate with this decode step
+        r = decode_rate(lambda n: model.generate(ids1, n, temperature=0, pixel_values=pixels1, image_grid_thw=grid1,
+                                                 decode_one=step))
         model.clear_caches()
-        return (new_tokens - 1) / (tn - t1)
+        return r
 
     kinds = ["eager"] + (["compiled" + (" (CUDA graphs)" if cuda else "")] if compile else [])
     rates, per_token = {}, {}
@@ -474,7 +478,7 @@ if "quantize" in sections:
             quantize_int8(model)
         per_token[q] = read_bytes(model) + kv
         for kind in kinds:
-            rates[q, kind] = decode_rate(None if kind == "eager" else model.compile_decode())
+            rates[q, kind] = step_rate(None if kind == "eager" else model.compile_decode())
     bw = read_bandwidth()
     full = str(ptdtype).removeprefix("torch.")
     qrows = [("weights of the A3 shape (40 layers, meta device), GB", a3_bytes[1] / 1e9, a3_bytes[0] / 1e9, "bf16"),
