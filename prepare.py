@@ -4,6 +4,7 @@ resized by Processor.resize (what the model sees, so training never decodes full
 a held-out val by a stable hash of each sample's key (re-runs and resumes agree on it).
 
   python prepare.py --dataset=shapes                  # offline demo: captioned synthetic shapes + its own tokenizer
+  python prepare.py --dataset=drawings                # the same captions on shapes varied as people draw them
   python prepare.py --dataset=tars --src='blip3o/*.tar' --tokenizer=ckpt/A3        # Stage 1: image + caption shards
   python prepare.py --dataset=chat --src=mix.jsonl --image_root=imgs --tokenizer=ckpt/A3   # Stage 2 chat rows
   python prepare.py --dataset=llava --src=llava_v1_5_mix665k.json --image_root=imgs --tokenizer=ckpt/A3
@@ -18,6 +19,8 @@ llava: .json/.jsonl rows with "image" and "conversations" of {"from": human/gpt,
 shapes: "a small red circle on a white background." style captions of generated 96x96 images (9 vision tokens each),
   with a byte-level BPE tokenizer and ChatML template saved next to the data, so Processor.from_pretrained(out_dir)
   works and a tiny model trained from scratch can learn it on a CPU.
+drawings: the same captions and tokenizer on shapes varied as people's drawings in a paint program are (canvas size
+  and aspect, place, shade, size, anti-aliasing, JPEG), stored at most 48x48 px: 4-px patches, 4-36 vision tokens.
 
 Rows longer than max_seq_len tokens (chat template rendered as Processor.collate renders it, image pads expanded)
 are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary,
@@ -39,10 +42,12 @@ Pieces are written under .tmp names and renamed when complete, then listed in do
 never leaves a half-written piece that counts. Read a split with PreparedDataset(out_dir, 'train'), several prepared
 datasets drawn by weight with Mixture('data/llava:3,data/a2-text:1', 'train').
 """
+import colorsys
 import glob
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import sys
@@ -58,20 +63,21 @@ from tqdm import tqdm
 from processor import Processor, load_image
 
 # -----------------------------------------------------------------------------
-dataset = 'shapes'  # shapes | tars | chat | llava
+dataset = 'shapes'  # shapes | drawings | tars | chat | llava
 src = ''  # tars: a directory or glob of .tar shards; chat/llava: a .json/.jsonl file, directory or glob
 image_root = ''  # chat/llava: where relative image paths start ('' = next to the src file)
 tokenizer = ''  # checkpoint dir whose Processor resizes images and counts tokens (shapes makes its own)
 out_dir = ''  # '' = data/<dataset>
 prompt = 'Describe this image.'  # user text of caption rows (tars, shapes): Merlina's default instruction
 max_seq_len = 4096  # longer rows are dropped, as for ArtemisMix
-val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), 0.05 for shapes so its eval has ~200 images
+val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%); shapes 0.05, drawings 0.01: 400-640 images
 min_pixels = None  # Processor.resize limits; None = the checkpoint's
 max_pixels = None
-num_samples = 8000  # shapes: how many images
-image_size = 96  # shapes: side in pixels; 96 = 6x6 patches of 16 = 9 merged vision tokens (at 64, 4 tokens, a tiny
-#                  ViT learned the shapes far more slowly)
-seed = 1337  # shapes
+num_samples = None  # shapes/drawings: how many images; None = 8000 shapes, 64000 drawings (fewer repeats of each)
+image_size = None  # shapes/drawings: the largest side the processor keeps, max_pixels = image_size**2; None = 96 for
+#                  shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far more
+#                  slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
+seed = 1337  # shapes/drawings
 chunk_size = 1000  # rows per piece (chat, llava, shapes)
 num_workers = os.cpu_count()
 if __name__ == '__main__':  # only the command line configures: train.py imports PreparedDataset from here
@@ -266,6 +272,60 @@ def shapes(indices):
         yield f"shapes-{seed}-{i}", caption_row(f"a {size} {color} {shape} on a {bg} background."), [im]
 
 
+# drawings: each color word is a hue range in degrees and a lowest HSV value, the shades a paint program's palette
+# gives it; each background a range of gray levels; each size word a range of extents (of the canvas's short side)
+# with a clear gap between them
+SHADES = {'red': (-12, 10, 0.55), 'orange': (20, 40, 0.75), 'yellow': (48, 64, 0.75), 'green': (95, 150, 0.45),
+          'blue': (205, 245, 0.5), 'purple': (270, 305, 0.45)}
+GRAYS = {'white': (232, 255), 'black': (0, 28), 'gray': (100, 155)}
+EXTENTS = {'small': (0.33, 0.5), 'large': (0.68, 0.95)}
+OUTLINES = {  # unit outlines, y down
+    'square': [(-1, -1), (1, -1), (1, 1), (-1, 1)],
+    'triangle': [(0, -1), (1, 1), (-1, 1)],
+    'circle': [(math.cos(k * math.pi / 60), math.sin(k * math.pi / 60)) for k in range(120)],
+}
+
+
+def cross(a):  # arms of half-width a
+    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+
+
+def drawings(indices):
+    """One filled shape per canvas, varied as people's drawings are: canvases of 80-800 px, square or up to 2:1 either
+    way; a continuous size within each size word; a shade of the color word; a little squashed and turned; anywhere
+    on the canvas; hard-edged or anti-aliased (drawn 2x or 4x and reduced); 40% saved as JPEG. Resized to at most 48x48
+    px, a small shape spans only 8-12 px: 4-px patches tell its outline apart where 8-px ones (at 64 px) left a tiny
+    ViT at half the accuracy after as many steps."""
+    for i in indices:
+        r = random.Random(f"{seed}-{i}")
+        shape, color = r.choice(SHAPES), r.choice(list(SHADES))
+        bg, size = r.choice(list(GRAYS)), r.choice(list(EXTENTS))
+        long = r.uniform(80, 800)
+        aspect = 1 if r.random() < 0.3 else math.exp(r.uniform(0, math.log(2)))
+        w, h = (round(long), round(long / aspect)) if r.random() < 0.5 else (round(long / aspect), round(long))
+        k = min(r.choice((1, 2, 4)), 1600 // max(w, h))  # supersampling; 1 draws hard, aliased edges
+        g = r.uniform(*GRAYS[bg])
+        im = Image.new('RGB', (w * k, h * k), tuple(round(min(255, max(0, g + r.uniform(-4, 4)))) for _ in range(3)))
+        h0, h1, v0 = SHADES[color]
+        rgb = colorsys.hsv_to_rgb(r.uniform(h0, h1) / 360 % 1, r.uniform(0.7, 1), r.uniform(v0, 1))
+        s = r.uniform(*EXTENTS[size]) * min(w, h) / 2  # half the extent
+        q = r.uniform(0.85, 1)
+        sx, sy = (s, s * q) if r.random() < 0.5 else (s * q, s)
+        t = math.radians(r.uniform(-10, 10)) if shape != 'circle' else 0
+        c, si = math.cos(t), math.sin(t)
+        pts = [(x * sx * c - y * sy * si, x * sx * si + y * sy * c)
+               for x, y in (cross(r.uniform(0.25, 0.45)) if shape == 'cross' else OUTLINES[shape])]
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        cx = min(max(w / 2 + r.uniform(-0.3, 0.3) * w, 2 - min(xs)), w - 2 - max(xs))  # whole on the canvas
+        cy = min(max(h / 2 + r.uniform(-0.3, 0.3) * h, 2 - min(ys)), h - 2 - max(ys))
+        ImageDraw.Draw(im).polygon([((cx + x) * k, (cy + y) * k) for x, y in pts],
+                                   fill=tuple(round(255 * v) for v in rgb))
+        im = im.resize((w, h), Image.BOX) if k > 1 else im
+        if r.random() < 0.4:
+            im = load_image(io.BytesIO(encode(im, dict(format='JPEG', quality=r.randint(30, 95)))))
+        yield f"drawings-{seed}-{i}", caption_row(f"a {size} {color} {shape} on a {bg} background."), [im]
+
+
 def tar_samples(path):
     stem = os.path.splitext(os.path.basename(path))[0]
 
@@ -332,7 +392,8 @@ def json_rows(payload):
         yield str(row.get('id', f"{stem}:{i}")), messages, [os.path.join(root, p) for p in paths]
 
 
-SOURCES = {'shapes': shapes, 'tars': tar_samples, 'chat': json_rows, 'llava': json_rows}
+SOURCES = {'shapes': shapes, 'drawings': drawings, 'tars': tar_samples, 'chat': json_rows, 'llava': json_rows}
+SYNTHETIC = ('shapes', 'drawings')  # generated here, with their own tokenizer
 
 
 class Piece:
@@ -378,7 +439,7 @@ def init(cfg, processor_dir):
 def work(unit):
     name, payload = unit
     counts, pieces = Counter(), {s: Piece(s, name) for s in ('train', 'val')}
-    fmt = dict(format='PNG') if dataset == 'shapes' else dict(format='JPEG', quality=95)
+    fmt = dict(format='PNG') if dataset in SYNTHETIC else dict(format='JPEG', quality=95)
     try:
         for s in SOURCES[dataset](payload):
             if isinstance(s, str):
@@ -435,19 +496,22 @@ def shapes_processor():
     texts += [prompt, 'Describe this image in detail.', 'system\nuser\nassistant\n']
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return Processor(tok, CHATML, {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'},
-                     min_pixels=min_pixels or 32 * 32, max_pixels=max_pixels or image_size ** 2)
+    patch = 4 if dataset == 'drawings' else 16
+    return Processor(tok, CHATML, {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'}, patch_size=patch,
+                     min_pixels=min_pixels or (patch * 2) ** 2, max_pixels=max_pixels or image_size ** 2)
 
 
 if __name__ == '__main__':
     if dataset not in SOURCES:
         fail(f"--dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
-    if dataset != 'shapes' and not src:
+    if dataset not in SYNTHETIC and not src:
         what = 'directory or glob of .tar shards' if dataset == 'tars' else '.json/.jsonl file'
         fail(f"--dataset={dataset} needs --src=<{what}>")
-    if dataset != 'shapes' and not tokenizer:
+    if dataset not in SYNTHETIC and not tokenizer:
         fail(f"--dataset={dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
-    val_frac = (0.05 if dataset == 'shapes' else 0.005) if val_frac is None else val_frac
+    val_frac = {'shapes': 0.05, 'drawings': 0.01}.get(dataset, 0.005) if val_frac is None else val_frac
+    num_samples = num_samples or (64000 if dataset == 'drawings' else 8000)
+    image_size = image_size or (48 if dataset == 'drawings' else 96)
     if not isinstance(val_frac, (int, float)) or not 0 <= val_frac < 1:
         fail(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
     out_dir = out_dir or os.path.join('data', dataset)
@@ -467,9 +531,9 @@ if __name__ == '__main__':
                  f"({', '.join(f'{k}: {old.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
                  "give another --out_dir or delete it")
 
-    if dataset == 'shapes':
+    if dataset in SYNTHETIC:
         processor = '.'
-        units = [(f"shapes-{a // chunk_size:05d}", range(a, min(a + chunk_size, num_samples)))
+        units = [(f"{dataset}-{a // chunk_size:05d}", range(a, min(a + chunk_size, num_samples)))
                  for a in range(0, num_samples, chunk_size)]
     else:
         processor = os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer  # a dir, or a hub id
@@ -522,7 +586,7 @@ if __name__ == '__main__':
                 log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
                 log.flush()
     total = sum(map(Counter, read_done(out_dir).values()), Counter())
-    if dataset == 'shapes' and total['val']:  # a held-out image for README's `python sample.py` command
+    if dataset in SYNTHETIC and total['val']:  # a held-out image for README's `python sample.py` command
         PreparedDataset(out_dir, 'val')[0]['images'][0].save(os.path.join(out_dir, 'example.png'))
     kept = ('train', 'val', 'train turns', 'val turns')
     skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in kept)

@@ -80,6 +80,36 @@ def test_shapes_dataset(shapes, tmp_path):
             assert (out / split / f).read_bytes() == (tmp_path / "out" / split / f).read_bytes(), f
 
 
+def test_drawings_dataset(tmp_path):
+    """The drawings vary as people's do, in canvas shape among the rest, and are stored as the processor's 4-px patches
+    see them: at most 48x48 px, sides a multiple of 8 (one merged vision token), whatever the canvas."""
+    summary = ok(tmp_path, "--dataset=drawings", "--num_samples=80", "--chunk_size=40", "--val_frac=0.2",
+                 "--out_dir=out")
+    out = tmp_path / "out"
+    train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
+    assert len(train) + len(val) == 80 and len(val) > 0 and "skipped: none" in summary
+    proc = Processor.from_pretrained(train.processor_dir)
+    assert proc.patch_size == 4 and proc.max_pixels == 48 * 48
+    rows = [train[i] for i in range(len(train))]
+    sizes = {r["images"][0].size for r in rows}
+    assert all(w % 8 == h % 8 == 0 and w * h <= 48 * 48 for w, h in sizes), sizes
+    assert any(w > h for w, h in sizes) and any(w < h for w, h in sizes) and any(w == h for w, h in sizes), sizes
+    words = [r["messages"][1]["content"].split() for r in rows]
+    assert all(w[0] == "a" and w[4:] == ["on", "a", w[6], "background."] for w in words)
+    assert {w[1] for w in words} == {"small", "large"} and {w[3] for w in words} == {"circle", "square", "triangle",
+                                                                                       "cross"}
+    assert {w[2] for w in words} == {"red", "orange", "yellow", "green", "blue", "purple"}
+    shades = {r["images"][0].getpixel((0, 0)) for r, w in zip(rows, words) if w[6] == "white"}
+    assert len(shades) > 1  # backgrounds vary in shade too
+    batch = proc.collate(rows[:8])
+    n_img = (batch["input_ids"] == proc.image_token_id).sum(1)
+    assert (n_img == batch["image_grid_thw"].prod(1) // 4).all() and n_img.max() <= 36
+    ids = batch["input_ids"][0][batch["labels"][0] != -100]
+    assert proc.decode(ids).strip() == rows[0]["messages"][1]["content"]
+    w, h = Image.open(out / "example.png").size
+    assert w * h <= 48 * 48
+
+
 def jpeg(color, size=(96, 64)):
     b = io.BytesIO()
     Image.new("RGB", size, color).save(b, format="JPEG")
@@ -229,7 +259,7 @@ def test_llava_and_chat(shapes, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--dataset=coco"], ["--dataset", "shapes, tars, chat, llava", "coco"]),
+    (["--dataset=coco"], ["--dataset", "shapes, drawings, tars, chat, llava", "coco"]),
     (["--dataset=tars", "--tokenizer=x"], ["--src"]),
     (["--dataset=chat", "--src=x.jsonl", "--tokenizer=missing_dir"], ["--tokenizer", "missing_dir"]),
 ])
