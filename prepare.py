@@ -70,10 +70,10 @@ tokenizer = ''  # checkpoint dir whose Processor resizes images and counts token
 out_dir = ''  # '' = data/<dataset>
 prompt = 'Describe this image.'  # user text of caption rows (tars, shapes): Merlina's default instruction
 max_seq_len = 4096  # longer rows are dropped, as for ArtemisMix
-val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%); shapes 0.05, drawings 0.01: 400-640 images
+val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), or SYNTHETIC's
 min_pixels = None  # Processor.resize limits; None = the checkpoint's
 max_pixels = None
-num_samples = None  # shapes/drawings: how many images; None = 8000 shapes, 64000 drawings (fewer repeats of each)
+num_samples = None  # shapes/drawings: how many images; None = SYNTHETIC's (drawings: 64000, fewer repeats of each)
 image_size = None  # shapes/drawings: the largest side the processor keeps, max_pixels = image_size**2; None = 96 for
 #                  shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far more
 #                  slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
@@ -239,6 +239,10 @@ def caption_row(caption):
     return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]},
             {'role': 'assistant', 'content': caption}]
 
+
+def shape_caption(size, color, shape, bg):  # the grammar of shapes and drawings, and of their tokenizer's words
+    return f"a {size} {color} {shape} on a {bg} background."
+
 # --- sources: each yields (key, messages, images) per sample, or a reason string for one it skips. Images may be
 # PIL images, encoded bytes or file paths: decoding happens in work(), where a bad one is counted.
 
@@ -269,7 +273,7 @@ def shapes(indices):
         else:
             draw.rectangle((x - h / 3, y - h, x + h / 3, y + h), fill=fill)
             draw.rectangle((x - h, y - h / 3, x + h, y + h / 3), fill=fill)
-        yield f"shapes-{seed}-{i}", caption_row(f"a {size} {color} {shape} on a {bg} background."), [im]
+        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg)), [im]
 
 
 # drawings: each color word is a hue range in degrees and a lowest HSV value, the shades a paint program's palette
@@ -323,7 +327,7 @@ def drawings(indices):
         im = im.resize((w, h), Image.BOX) if k > 1 else im
         if r.random() < 0.4:
             im = load_image(io.BytesIO(encode(im, dict(format='JPEG', quality=r.randint(30, 95)))))
-        yield f"drawings-{seed}-{i}", caption_row(f"a {size} {color} {shape} on a {bg} background."), [im]
+        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg)), [im]
 
 
 def tar_samples(path):
@@ -393,7 +397,10 @@ def json_rows(payload):
 
 
 SOURCES = {'shapes': shapes, 'drawings': drawings, 'tars': tar_samples, 'chat': json_rows, 'llava': json_rows}
-SYNTHETIC = ('shapes', 'drawings')  # generated here, with their own tokenizer
+# generated here, with their own tokenizer: their defaults for how many images, the largest side the processor keeps
+# (max_pixels = image_size**2), its patch size and the held-out fraction (400-640 images)
+SYNTHETIC = {'shapes': dict(num_samples=8000, image_size=96, patch_size=16, val_frac=0.05),
+             'drawings': dict(num_samples=64000, image_size=48, patch_size=4, val_frac=0.01)}
 
 
 class Piece:
@@ -492,11 +499,11 @@ def shapes_processor():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    texts = [f"a {z} {c} {s} on a {b} background." for z in SIZES for c in COLORS for s in SHAPES for b in BACKGROUNDS]
+    texts = [shape_caption(z, c, s, b) for z in SIZES for c in COLORS for s in SHAPES for b in BACKGROUNDS]
     texts += [prompt, 'Describe this image in detail.', 'system\nuser\nassistant\n']
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    patch = 4 if dataset == 'drawings' else 16
+    patch = SYNTHETIC[dataset]['patch_size']
     return Processor(tok, CHATML, {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'}, patch_size=patch,
                      min_pixels=min_pixels or (patch * 2) ** 2, max_pixels=max_pixels or image_size ** 2)
 
@@ -509,9 +516,11 @@ if __name__ == '__main__':
         fail(f"--dataset={dataset} needs --src=<{what}>")
     if dataset not in SYNTHETIC and not tokenizer:
         fail(f"--dataset={dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
-    val_frac = {'shapes': 0.05, 'drawings': 0.01}.get(dataset, 0.005) if val_frac is None else val_frac
-    num_samples = num_samples or (64000 if dataset == 'drawings' else 8000)
-    image_size = image_size or (48 if dataset == 'drawings' else 96)
+    # other sources record shapes' (unused) sizes, as before drawings existed, so their meta.json still matches
+    defaults = SYNTHETIC.get(dataset, dict(SYNTHETIC['shapes'], val_frac=0.005))
+    val_frac = defaults['val_frac'] if val_frac is None else val_frac
+    num_samples = num_samples or defaults['num_samples']
+    image_size = image_size or defaults['image_size']
     if not isinstance(val_frac, (int, float)) or not 0 <= val_frac < 1:
         fail(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
     out_dir = out_dir or os.path.join('data', dataset)
