@@ -5,6 +5,7 @@ a held-out val by a stable hash of each sample's key (re-runs and resumes agree 
 
   python prepare.py --dataset=shapes                  # offline demo: captioned synthetic shapes + its own tokenizer
   python prepare.py --dataset=drawings                # the same captions on shapes varied as people draw them
+  python prepare.py --dataset=drawings --captions=shape   # ...captioned "a small circle." (data/drawings-shape)
   python prepare.py --dataset=tars --src='blip3o/*.tar' --tokenizer=ckpt/A3        # Stage 1: image + caption shards
   python prepare.py --dataset=chat --src=mix.jsonl --image_root=imgs --tokenizer=ckpt/A3   # Stage 2 chat rows
   python prepare.py --dataset=llava --src=llava_v1_5_mix665k.json --image_root=imgs --tokenizer=ckpt/A3
@@ -78,6 +79,8 @@ image_size = None  # shapes/drawings: the largest side the processor keeps, max_
 #                  shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far more
 #                  slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
 seed = 1337  # shapes/drawings
+captions = 'full'  # shapes/drawings: 'full', or 'shape' ("a small circle.", out_dir data/<dataset>-shape): the same
+#                    images, for the drawings demo's first run (config/drawings_shape.py)
 chunk_size = 1000  # rows per piece (chat, llava, shapes)
 num_workers = os.cpu_count()
 if __name__ == '__main__':  # only the command line configures: train.py imports PreparedDataset from here
@@ -240,8 +243,10 @@ def caption_row(caption):
             {'role': 'assistant', 'content': caption}]
 
 
-def shape_caption(size, color, shape, bg):  # the grammar of shapes and drawings, and of their tokenizer's words
-    return f"a {size} {color} {shape} on a {bg} background."
+def shape_caption(size, color, shape, bg, words='full'):  # the grammar of shapes and drawings, and of their tokenizer
+    # 'shape' leaves out color and background: learned from the start, they slow the learning of shape (see
+    # config/drawings_shape.py)
+    return f"a {size} {color} {shape} on a {bg} background." if words == 'full' else f"a {size} {shape}."
 
 # --- sources: each yields (key, messages, images) per sample, or a reason string for one it skips. Images may be
 # PIL images, encoded bytes or file paths: decoding happens in work(), where a bad one is counted.
@@ -273,7 +278,7 @@ def shapes(indices):
         else:
             draw.rectangle((x - h / 3, y - h, x + h / 3, y + h), fill=fill)
             draw.rectangle((x - h, y - h / 3, x + h, y + h / 3), fill=fill)
-        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg)), [im]
+        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions)), [im]
 
 
 # drawings: each color word is a hue range in degrees and a lowest HSV value, the shades a paint program's palette
@@ -327,7 +332,7 @@ def drawings(indices):
         im = im.resize((w, h), Image.BOX) if k > 1 else im
         if r.random() < 0.4:
             im = load_image(io.BytesIO(encode(im, dict(format='JPEG', quality=r.randint(30, 95)))))
-        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg)), [im]
+        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions)), [im]
 
 
 def tar_samples(path):
@@ -523,9 +528,15 @@ if __name__ == '__main__':
     image_size = image_size or defaults['image_size']
     if not isinstance(val_frac, (int, float)) or not 0 <= val_frac < 1:
         fail(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
-    out_dir = out_dir or os.path.join('data', dataset)
+    if captions not in ('full', 'shape'):
+        fail(f"--captions must be 'full' or 'shape', got {captions!r}")
+    if captions != 'full' and dataset not in SYNTHETIC:
+        fail(f"--captions={captions} is for the generated datasets ({', '.join(SYNTHETIC)}), not --dataset={dataset}")
+    out_dir = out_dir or os.path.join('data', dataset + ('-shape' if captions == 'shape' else ''))
     cfg = {k: globals()[k] for k in config}
     settings = {k: v for k, v in cfg.items() if k not in ('out_dir', 'num_workers')}
+    if captions == 'full':  # so that a meta.json written before the option existed still matches
+        del settings['captions']
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):  # resuming: only the same options may add to what is there
         try:

@@ -110,6 +110,34 @@ def test_drawings_dataset(tmp_path):
     assert w * h <= 48 * 48
 
 
+def test_drawings_shape_captions(tmp_path):
+    """--captions=shape writes the same drawings, split the same way, captioned with size and shape only, into
+    data/drawings-shape, with the tokenizer of the full captions: the drawings demo's second run goes on from the
+    first's checkpoint, processor included."""
+    args = ("--dataset=drawings", "--num_samples=40", "--chunk_size=20", "--val_frac=0.2")
+    ok(tmp_path, *args)
+    ok(tmp_path, *args, "--captions=shape")
+    full, short = tmp_path / "data" / "drawings", tmp_path / "data" / "drawings-shape"
+    assert (full / "tokenizer.json").read_bytes() == (short / "tokenizer.json").read_bytes()
+    for split in ("train", "val"):
+        a, b = PreparedDataset(full, split), PreparedDataset(short, split)
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            w = a[i]["messages"][1]["content"].split()  # a small red circle on a white background.
+            assert b[i]["messages"][1]["content"] == f"a {w[1]} {w[3]}."
+            assert a[i]["images"][0].tobytes() == b[i]["images"][0].tobytes()
+    proc = Processor.from_pretrained(short)
+    rows = [PreparedDataset(short, "train")[i] for i in range(4)]
+    batch = proc.collate(rows)
+    ids = batch["input_ids"][0][batch["labels"][0] != -100]
+    assert proc.decode(ids).strip() == rows[0]["messages"][1]["content"]
+    assert len(ids) == 6  # "a", " small", " circle", "." (a token a word, as in the full captions), "<|im_end|>", "\n"
+    rc, _, err = prepare(tmp_path, *args, "--captions=colour")
+    assert rc == 2 and err.strip().splitlines()[-1] == "error: --captions must be 'full' or 'shape', got 'colour'"
+    rc, _, err = prepare(tmp_path, "--dataset=chat", "--src=rows.jsonl", "--tokenizer=ckpt", "--captions=shape")
+    assert rc == 2 and "--captions=shape is for the generated datasets" in err.strip().splitlines()[-1]
+
+
 def jpeg(color, size=(96, 64)):
     b = io.BytesIO()
     Image.new("RGB", size, color).save(b, format="JPEG")
