@@ -33,6 +33,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models
 
+from checkpoint import save_pretrained
+from configurator import configure, die
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from prepare import length_grouped
 from processor import CLIP_MEAN, CLIP_STD, Processor
@@ -52,12 +54,7 @@ new_tokens = 32  # decode length
 repeat = 5
 peak_flops = 989e12 if torch.cuda.is_available() else 0.0  # for MFU (H100 SXM dense bf16); 0: no MFU
 seed = 0
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+configure(globals())
 
 # -----------------------------------------------------------------------------
 
@@ -398,7 +395,7 @@ if "serve" in sections:
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        model.save_pretrained(d)
+        save_pretrained(model, d)
         side_px = P["image"]
         Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=side_px * side_px).save_pretrained(d)
         photo = os.path.join(d, "photo.png")

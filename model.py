@@ -1,28 +1,19 @@
-"""The Artemis graft: a Mistral-family decoder, a 2-layer MLP projector and the Qwen3-VL vision tower.
+"""The Artemis graft: a Mistral-family decoder, a 2-layer MLP projector and the Qwen3-VL vision tower (vision.py).
 
 Mirrors transformers' `MistralForCausalLM` (modeling_mistral.py) and artemis-vlm's
 `ArtemisVLMForConditionalGeneration`: the projected image vectors overwrite the decoder's input
 embeddings at the `<|image_pad|>` positions, then the decoder runs unchanged (1-D RoPE, no M-RoPE,
-no DeepStack). Module attribute names equal the checkpoint keys, so loading is a strict state-dict
-load straight from safetensors. Generation follows gpt-fast: a preallocated KV cache written at
+no DeepStack). Module attribute names equal the checkpoint keys, so checkpoint.py loads a checkpoint
+with a strict state-dict load. Generation follows gpt-fast: a preallocated KV cache written at
 `input_pos`, a prefill that encodes the image once, then one-token decode steps.
 """
-import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from vision import VisionConfig, VisionTower, rotate_half
-
-# Checkpoint tensors the graft reads past on purpose. Qwen3-VL feeds its DeepStack mergers into its own
-# decoder's early layers; Artemis keeps the Mistral decoder unmodified, so it never uses them.
-IGNORED_KEYS = ("visual.deepstack_merger_list.",)
 
 
 @dataclass
@@ -77,25 +68,18 @@ class ArtemisConfig:
     quantization: str | None = None  # 'int8': the decoder's linears hold int8 weights and scales (quantize.py)
 
     @classmethod
-    def from_dict(cls, d):
-        if d.get("model_type") != "artemis_vlm":
-            raise ValueError(f"config.json: model_type {d.get('model_type')!r}, expected 'artemis_vlm'")
-        if d.get("projector_hidden_act", "gelu") != "gelu":
-            raise ValueError(f"config.json: projector_hidden_act {d['projector_hidden_act']!r}, expected 'gelu'")
-        quantization = (d.get("quantization") or {}).get("method")
-        if quantization not in (None, "int8"):
-            raise ValueError(f"config.json: quantization method {quantization!r}, expected 'int8' (quantize.py)")
+    def from_dict(cls, d):  # an artemis-vlm config.json; checkpoint.read_config checks what it names first
         return cls(TextConfig.from_dict(d["text_config"]), VisionConfig.from_dict(d["vision_config"]),
-                   d.get("image_token_id", 22), d.get("video_token_id", 23), quantization=quantization)
+                   d.get("image_token_id", 22), d.get("video_token_id", 23),
+                   quantization=(d.get("quantization") or {}).get("method"))
 
     def to_dict(self, dtype=None):
+        q = {"quantization": {"method": self.quantization, "scales": "per output channel"}} if self.quantization else {}
         return {"model_type": "artemis_vlm", "architectures": ["ArtemisVLMForConditionalGeneration"],
                 "text_config": self.text.to_dict(), "vision_config": self.vision.to_dict(),
                 "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
                 "projector_hidden_act": self.projector_hidden_act,
-                "dtype": str(dtype).removeprefix("torch.") if dtype else None,
-                **({"quantization": {"method": self.quantization, "scales": "per output channel"}}
-                   if self.quantization else {})}
+                "dtype": str(dtype).removeprefix("torch.") if dtype else None, **q}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,11 +91,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # normalise in fp32, cast back, then scale: the order transformers uses, which matters in bf16
+    def forward(self, x):  # normalise in fp32, cast back, then scale: transformers' order, which matters in bf16
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope(pos, head_dim, theta, dtype):
@@ -125,13 +107,12 @@ def rope(pos, head_dim, theta, dtype):
 class KVCache(nn.Module):
     def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
         super().__init__()
-        shape = (batch, n_kv, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k", "v"):
+            self.register_buffer(name, torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device),
+                                 persistent=False)
 
     def update(self, input_pos, k, v):
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+        self.k[:, :, input_pos], self.v[:, :, input_pos] = k, v
         return self.k, self.v
 
 
@@ -194,35 +175,51 @@ class Mistral(nn.Module):
             norm=RMSNorm(c.hidden_size, c.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.tie_weights()
-        self.gradient_checkpointing = False
-
-    def tie_weights(self):
-        if self.config.tie_word_embeddings:
+        if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
 
     def forward(self, x, pos, mask, input_pos=None):
         """x: input embeddings (B, T, d); pos: RoPE positions (B, T); mask: bool (B, 1, T, S) or None
         for plain causal; input_pos: KV-cache slots (T,) when a cache is set up. Returns hidden (B, T, d)."""
         cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        recompute = self.gradient_checkpointing and self.training
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, input_pos)
+            args = (x, cos, sin, mask, input_pos)
+            x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.model.norm(x)
 
 
 def causal_mask(q_slots, kv_len, key_valid, window):
-    """Boolean (B, 1, T, S) mask, True where query slot i may attend key slot j: causal, within the sliding
-    window (the last `window` keys including itself), and not a padding key. Every query keeps its own slot so
-    a padding query never sees an all-False row (softmax NaN); its output is never used."""
+    """Boolean (B, 1, T, S) mask, True where query slot i may attend key slot j: causal, within the sliding window
+    (the last `window` keys including itself), not a padding key. A query always keeps its own slot, so a padding
+    query never sees an all-False row (softmax NaN); its output is never used."""
     k = torch.arange(kv_len, device=q_slots.device)
     m = k[None, :] <= q_slots[:, None]  # (T, S)
     if window is not None:
         m = m & (k[None, :] > q_slots[:, None] - window)
     m = m[None] & key_valid[:, None, :kv_len]  # (B, T, S)
     return (m | (k[None, :] == q_slots[:, None]))[:, None]
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear without bias, its weight int8 (out, in) with one scale per output row: y = (x @ w.T) * scales.
+    quantize.py rounds float weights into these; checkpoint.py builds them for an int8 checkpoint's load."""
+
+    def __init__(self, in_features, out_features, dtype=None, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            # one row (batch-1 decode) as a multiply and a sum: inductor reads the int8 weight once in a fused
+            # reduction, where F.linear would first write a float copy of the whole weight
+            return (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales  # (..., out)
+        if x.device.type == "cpu" and x.dtype == torch.float32:  # aten's int8 matmul: 5x less time than dequantizing
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.scales)
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,16 +238,14 @@ class Projector(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum") without keeping an (n, vocab) tensor: rows
-    go a chunk at a time, and each chunk's gradients are computed as soon as its logits are, in the forward pass, so
-    the backward pass only scales them. With a 131072-token vocabulary the fp32 logits, their softmax and its
-    gradient would otherwise be the largest tensors of a training step."""
+    """F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum") without an (n, vocab) tensor: rows go a chunk
+    at a time, each chunk's gradients computed with its logits in the forward pass, so backward only scales them. With
+    a 131072-token vocabulary the fp32 logits and their gradient would otherwise be a step's largest tensors."""
 
     @staticmethod
     def forward(ctx, h, w, targets, grad_enabled):  # h (n, d), w (vocab, d), targets (n,)
         need_h, need_w = (grad_enabled and n for n in ctx.needs_input_grad[:2])  # needs_input_grad ignores no_grad
-        gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros_like(w) if need_w else None
+        gh, gw = torch.empty_like(h) if need_h else None, torch.zeros_like(w) if need_w else None
         loss = torch.zeros((), device=h.device)
         c = max(1, 2**24 // len(w))  # rows per chunk: 64 MiB of fp32 logits (128 rows of a 131072-token vocabulary)
         for i in range(0, len(h), c):  # a function per chunk: its (c, vocab) tensor is gone before the next one's
@@ -289,25 +284,21 @@ class ArtemisVLM(nn.Module):
         self.visual = VisionTower(config.vision)
         self.multi_modal_projector = Projector(config.vision.out_hidden_size, config.text.hidden_size)
         self.language_model = Mistral(config.text)
-        if config.quantization:  # an int8 checkpoint's modules, so that it loads by the same strict load
-            from quantize import quantize_int8
-            quantize_int8(self)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings with the projected image vectors written at the <|image_pad|> positions."""
         x = self.language_model.model.embed_tokens(input_ids)  # (B, T, d_text)
         is_img = input_ids == self.config.image_token_id
-        n_pad = int(is_img.sum())
+        n_pad, where = int(is_img.sum()), f"input_ids hold {int(is_img.sum())} image placeholders"
         if pixel_values is None:
             if n_pad:
-                raise ValueError(f"input_ids hold {n_pad} image placeholders (id {self.config.image_token_id}) "
-                                 "but no pixel_values were given")
+                raise ValueError(f"{where} (id {self.config.image_token_id}) but no pixel_values were given")
             return x
         feats = self.visual(pixel_values, image_grid_thw)  # (n_img_tokens, out_hidden)
         feats = self.multi_modal_projector(feats)  # (n_img_tokens, d_text)
         if n_pad != feats.shape[0]:
-            raise ValueError(f"input_ids hold {n_pad} image placeholders (id {self.config.image_token_id}) but the "
-                             f"images give {feats.shape[0]} features (grid_thw.prod() // merge**2 per image)")
+            raise ValueError(f"{where} (id {self.config.image_token_id}) but the images give {feats.shape[0]} "
+                             "features (grid_thw.prod() // merge**2 per image)")
         return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, labels=None, attention_mask=None):
@@ -337,20 +328,19 @@ class ArtemisVLM(nn.Module):
             return None, LinearCrossEntropy.apply(h.to(dt), w, targets, torch.is_grad_enabled()) / len(targets)
 
     def set_training_stage(self, stage, vision_top_n=0):
-        """artemis-vlm's recipe: stage1 trains the projector; stage2 adds the decoder; the vision tower stays
-        frozen but for its top `vision_top_n` blocks (all of it when that covers every block).
-        Returns (n_trainable, n_total) parameters."""
+        """artemis-vlm's recipe: stage1 trains the projector; stage2 adds the decoder; the vision tower stays frozen
+        but for its top `vision_top_n` blocks (all of it when that covers every block). Returns (n_trainable, n_total)
+        parameters."""
         if stage not in ("stage1", "stage2"):
             raise ValueError(f"stage {stage!r}: expected 'stage1' or 'stage2'")
-        self.visual.requires_grad_(False)
+        blocks = self.visual.blocks
+        self.visual.requires_grad_(vision_top_n >= len(blocks))  # every block: the patch embedding and merger too
+        for block in blocks[max(len(blocks) - vision_top_n, 0):] if vision_top_n else []:
+            block.requires_grad_(True)
         self.language_model.requires_grad_(stage == "stage2")
         self.multi_modal_projector.requires_grad_(True)
-        if vision_top_n >= len(self.visual.blocks):  # every block: the patch embedding and merger too
-            self.visual.requires_grad_(True)
-        for block in self.visual.blocks[len(self.visual.blocks) - vision_top_n:] if vision_top_n else []:
-            block.requires_grad_(True)
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        sizes = [(p.numel(), p.requires_grad) for p in self.parameters()]
+        return sum(n for n, g in sizes if g), sum(n for n, _ in sizes)
 
     def flops_per_token(self, T):
         """Decoder FLOPs per trained token at sequence length T: 2N forward and 2N to carry gradients back to the
@@ -365,29 +355,26 @@ class ArtemisVLM(nn.Module):
     # generation
 
     def setup_caches(self, batch, max_len):
-        """A KV cache of at least max_len slots per layer. An existing one that is big enough is kept, so the
-        shapes a compiled decode step sees stay the same across prompts: it is captured once, not per prompt length.
-        Returns the cache length."""
+        """A KV cache of at least max_len slots per layer; returns its length. One big enough is kept, so a compiled
+        decode step sees the same shapes across prompts: it is captured once, not per prompt length."""
         c, p = self.config.text, self.language_model.model.embed_tokens.weight  # a float tensor, even in int8
         kv = self.language_model.model.layers[0].self_attn.kv_cache
-        if kv is not None and kv.k.shape[0] == batch and kv.k.shape[2] >= max_len and kv.k.dtype == p.dtype \
-                and kv.k.device == p.device:
+        if kv is not None and kv.k.shape[0] == batch and kv.k.shape[2] >= max_len and (kv.k.dtype, kv.k.device) == (
+                p.dtype, p.device):
             return kv.k.shape[2]
         max_len = -(-max_len // 256) * 256  # rounded up, so slightly longer prompts reuse it too
         for layer in self.language_model.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
         return max_len
 
-    def clear_caches(self):
-        """Free the KV caches that generate() leaves in place for the next prompt."""
+    def clear_caches(self):  # frees the KV caches that generate() leaves in place for the next prompt
         for layer in self.language_model.model.layers:
             layer.self_attn.kv_cache = None
 
     def prefill(self, input_ids, pos, key_valid, pixel_values=None, image_grid_thw=None):
         """Run the prompt into the cache; the only step that sees the image. Returns last logits (B, vocab)."""
-        T = input_ids.shape[1]
         x = self.embed(input_ids, pixel_values, image_grid_thw)
-        slots = torch.arange(T, device=input_ids.device)
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         mask = causal_mask(slots, key_valid.shape[1], key_valid, self.config.text.sliding_window)
         h = self.language_model(x, pos, mask, slots)
         return self.language_model.lm_head(h[:, -1])
@@ -400,19 +387,17 @@ class ArtemisVLM(nn.Module):
         return self.language_model.lm_head(h[:, -1])
 
     def compile_decode(self):
-        """decode_one compiled for inference on the model's device. CUDA: CUDA graphs, one launch per token. CPU:
-        the weights are frozen into the graph so inductor packs them for its own GEMM kernels (max-autotune), which
-        stream them at close to memory bandwidth where MKL's gemv on (out, in) weights reaches about a third.
-        Frozen means baked in: compile again after the weights change. int8 weights (quantize.py) are not frozen:
-        freezing would fold their dequantization into float constants, four times their bytes."""
+        """decode_one compiled for inference on the model's device. CUDA: CUDA graphs, one launch per token. CPU: the
+        weights are frozen into the graph so inductor packs them for its own GEMM kernels (max-autotune), which stream
+        them near memory bandwidth where MKL's gemv on (out, in) weights reaches a third; compile again after the
+        weights change. int8 weights are not frozen: that would fold their dequantization into float constants."""
         if self.language_model.lm_head.weight.is_cuda:
             return torch.compile(self.decode_one, mode="reduce-overhead", fullgraph=True)
         step = torch.compile(self.decode_one, fullgraph=True)
+        quiet = dict(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # stdout is the text
 
         def decode_one(*args):  # the patch must be active at the first call, when inductor compiles
-            with torch._inductor.config.patch(freezing=not self.config.quantization, max_autotune=True,
-                                              autotune_num_choices_displayed=0,
-                                              max_autotune_report_choices_stats=False):  # quiet: stdout is the text
+            with torch._inductor.config.patch(freezing=not self.config.quantization, max_autotune=True, **quiet):
                 return step(*args)
         return decode_one
 
@@ -420,14 +405,11 @@ class ArtemisVLM(nn.Module):
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, pixel_values=None,
                  image_grid_thw=None, attention_mask=None, stop_ids=None, decode_one=None, callback=None):
         """Prompt (B, T), left-padded when rows differ in length (attention_mask 0 on the pads), followed by up to
-        max_new_tokens new tokens. A row that emits a stop id keeps repeating it while the others finish.
-        decode_one: an optional compiled `self.decode_one`; callback(tokens (B,)) sees each step as it is sampled and
-        may return a bool (B,) of rows it counts as finished (its own stop strings or lengths), which then stop like a
-        stop id. The KV cache stays allocated for the next call (clear_caches() frees it)."""
-        B, T = input_ids.shape
-        dev = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        max_new_tokens new tokens; a row that emits a stop id repeats it while the others finish. decode_one: an
+        optional compiled `self.decode_one`; callback(tokens (B,)) sees each step and may return a bool (B,) of rows it
+        counts as finished (its own stop strings or lengths). The KV cache stays for the next call (clear_caches())."""
+        (B, T), dev = input_ids.shape, input_ids.device
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         S = self.setup_caches(B, T + max_new_tokens)
         key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)  # slots past the prompt: masked by causality
         key_valid[:, :T] = attention_mask.bool()
@@ -451,119 +433,6 @@ class ArtemisVLM(nn.Module):
             logits = (decode_one or self.decode_one)(tok[:, None], nxt_pos + i, input_pos, key_valid)
         return torch.cat(out, dim=1)
 
-    # ------------------------------------------------------------------------------------------
-    # checkpoints
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """An artemis-vlm checkpoint directory (single file or sharded), or a hub repo id."""
-        path = resolve(path)
-        cfg = read_json(os.path.join(path, "config.json"))
-        try:
-            config = ArtemisConfig.from_dict(cfg)
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}/config.json: not an artemis_vlm config ({e})") from None
-        dtype = dtype or getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
-        with torch.device("meta"):
-            model = cls(config)
-        sd = read_tensors(path, lambda k: None if k.startswith(IGNORED_KEYS) else k, dtype, device)
-        return model.load_checked(sd, path)
-
-    @classmethod
-    def from_parts(cls, text_path, vision_path, image_token_id=22, video_token_id=23, dtype=None, device="cpu",
-                   seed=0):
-        """A new graft: a Mistral-family decoder checkpoint + the vision tower of a Qwen3-VL checkpoint (only its
-        `model.visual.*` tensors are read) + a freshly initialised projector."""
-        text_path, vision_path = resolve(text_path), resolve(vision_path)
-        tcfg = read_json(os.path.join(text_path, "config.json"))
-        vcfg = read_json(os.path.join(vision_path, "config.json"))
-        if tcfg.get("model_type") != "mistral":
-            raise ValueError(f"{text_path}/config.json: model_type {tcfg.get('model_type')!r}, expected 'mistral'")
-        if "vision_config" not in vcfg:
-            raise ValueError(f"{vision_path}/config.json: no 'vision_config', expected a Qwen3-VL checkpoint")
-        config = ArtemisConfig(TextConfig.from_dict(tcfg), VisionConfig.from_dict(vcfg["vision_config"]),
-                               image_token_id, video_token_id)
-        dtype = dtype or getattr(torch, tcfg.get("dtype") or tcfg.get("torch_dtype") or "float32")
-        with torch.device("meta"):
-            model = cls(config)
-        sd = read_tensors(text_path, lambda k: "language_model." + k, dtype, device)
-
-        def vision_key(k):
-            for prefix in ("model.visual.", "visual."):
-                if k.startswith(prefix):
-                    k = "visual." + k[len(prefix):]
-                    return None if k.startswith(IGNORED_KEYS) else k
-
-        sd.update(read_tensors(vision_path, vision_key, dtype, device))
-        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, which artemis-vlm's from_a2_and_vision keeps
-            torch.manual_seed(seed)
-            fresh = Projector(config.vision.out_hidden_size, config.text.hidden_size)
-        sd.update({"multi_modal_projector." + k: v.to(device, dtype) for k, v in fresh.state_dict().items()})
-        return model.load_checked(sd, f"{text_path} + {vision_path}")
-
-    def load_checked(self, sd, where):
-        """Strict load with errors that name the key; tensors are assigned, never copied into random init."""
-        want = {k: v.shape for k, v in self.state_dict().items()}
-        if self.config.text.tie_word_embeddings:
-            want.pop("language_model.lm_head.weight")
-            sd.pop("language_model.lm_head.weight", None)
-        for k in want:
-            if k not in sd:
-                raise ValueError(f"{where}: missing tensor {k!r} (expected shape {tuple(want[k])})")
-            if sd[k].shape != want[k]:
-                raise ValueError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(want[k])}")
-        extra = sorted(set(sd) - set(want))
-        if extra:
-            raise ValueError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
-        self.load_state_dict(sd, strict=not self.config.text.tie_word_embeddings, assign=True)
-        self.language_model.tie_weights()  # assign=True replaced the tied Parameter: share it again
-        return self
-
-    def save_pretrained(self, path, max_shard_size=5 * 2**30, write_extra=None, state_dict=None):
-        """config.json + safetensors in the artemis-vlm layout, sharded above max_shard_size bytes with an index.
-        Written into `path.tmp` and renamed over `path`, so an interrupted save never leaves a checkpoint that
-        looks complete. write_extra(tmp_dir) adds files (tokenizer, resume state) inside the same swap;
-        state_dict replaces self.state_dict() (a gathered FSDP one)."""
-        sd = {k: v.detach().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        if self.config.text.tie_word_embeddings:
-            sd.pop("language_model.lm_head.weight")  # transformers re-ties it from embed_tokens
-        shards, size = [{}], 0
-        for k, v in sd.items():
-            n = v.numel() * v.element_size()
-            if shards[-1] and size + n > max_shard_size:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += n
-        tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        dtype = next(iter(sd.values())).dtype
-        write_json(os.path.join(tmp, "config.json"), self.config.to_dict(dtype))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if write_extra is not None:
-            write_extra(tmp)
-        for name in os.listdir(tmp):  # on disk before the renames below make them the checkpoint
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        old = path.rstrip("/") + ".old"
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
     """Next token per row from logits (B, vocab); temperature 0 is greedy."""
@@ -575,73 +444,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p is not None:
         sorted_logits, idx = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), -float("inf"))
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
-
-
-# ----------------------------------------------------------------------------------------------
-# files
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found, expected a Hugging Face checkpoint file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def resolve(path):
-    """A local checkpoint directory as is; anything else is a hub repo id, fetched through huggingface-hub."""
-    if os.path.isdir(path):
-        return path
-    if os.path.isdir(path.rstrip("/") + ".old"):  # a save_pretrained stopped between its two renames
-        return path.rstrip("/") + ".old"
-    if os.path.exists(path):
-        raise ValueError(f"{path}: is a file, expected a checkpoint directory or a hub repo id")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
-    except Exception as e:
-        raise ValueError(f"{path}: not a local directory, and fetching it from the hub failed "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def read_tensors(path, rename, dtype, device):
-    """{rename(key): tensor} for the checkpoint's tensors whose rename is not None, read one at a time straight
-    into `dtype` on `device`, so host memory holds at most one copy of the weights."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no \"weight_map\" of tensor names to shard files")
-        files = sorted(set(weight_map.values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    sd = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: not found, though {index} maps tensors to it (a shard missing from "
-                                    "the download?)")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for k in f.keys():
-                    new = rename(k)
-                    if new is not None:
-                        t = f.get_tensor(k)
-                        sd[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        except SafetensorError as e:  # cut short by an interrupted copy or download, or not safetensors at all
-            raise ValueError(f"{file}: truncated or not a safetensors file ({e})") from None
-    return sd
-

@@ -61,6 +61,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from configurator import configure, die
 from processor import Processor, load_image
 
 # -----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ captions = 'full'  # shapes/drawings: 'full', or 'shape' ("a small circle.", out
 chunk_size = 1000  # rows per piece (chat, llava, shapes)
 num_workers = os.cpu_count()
 if __name__ == '__main__':  # only the command line configures: train.py imports PreparedDataset from here
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, type(None)))}
 # -----------------------------------------------------------------------------
 
@@ -226,11 +227,6 @@ def read_done(dir):
         return {}
     with open(path) as f:
         return {d['name']: d['counts'] for d in map(json.loads, f)}
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def is_val(key):
@@ -515,23 +511,23 @@ def shapes_processor():
 
 if __name__ == '__main__':
     if dataset not in SOURCES:
-        fail(f"--dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
+        die(f"--dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
     if dataset not in SYNTHETIC and not src:
         what = 'directory or glob of .tar shards' if dataset == 'tars' else '.json/.jsonl file'
-        fail(f"--dataset={dataset} needs --src=<{what}>")
+        die(f"--dataset={dataset} needs --src=<{what}>")
     if dataset not in SYNTHETIC and not tokenizer:
-        fail(f"--dataset={dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
+        die(f"--dataset={dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
     # other sources record shapes' (unused) sizes, as before drawings existed, so their meta.json still matches
     defaults = SYNTHETIC.get(dataset, dict(SYNTHETIC['shapes'], val_frac=0.005))
     val_frac = defaults['val_frac'] if val_frac is None else val_frac
     num_samples = num_samples or defaults['num_samples']
     image_size = image_size or defaults['image_size']
     if not isinstance(val_frac, (int, float)) or not 0 <= val_frac < 1:
-        fail(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
+        die(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
     if captions not in ('full', 'shape'):
-        fail(f"--captions must be 'full' or 'shape', got {captions!r}")
+        die(f"--captions must be 'full' or 'shape', got {captions!r}")
     if captions != 'full' and dataset not in SYNTHETIC:
-        fail(f"--captions={captions} is for the generated datasets ({', '.join(SYNTHETIC)}), not --dataset={dataset}")
+        die(f"--captions={captions} is for the generated datasets ({', '.join(SYNTHETIC)}), not --dataset={dataset}")
     out_dir = out_dir or os.path.join('data', dataset + ('-shape' if captions == 'shape' else ''))
     cfg = {k: globals()[k] for k in config}
     settings = {k: v for k, v in cfg.items() if k not in ('out_dir', 'num_workers')}
@@ -543,11 +539,11 @@ if __name__ == '__main__':
             with open(meta_path) as f:
                 old = json.load(f)['config']
         except (ValueError, KeyError, TypeError) as e:
-            fail(f"{meta_path}: not a meta.json prepare.py wrote ({type(e).__name__}: {e}); delete {out_dir} or "
+            die(f"{meta_path}: not a meta.json prepare.py wrote ({type(e).__name__}: {e}); delete {out_dir} or "
                  "give another --out_dir")
         diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
         if diff:
-            fail(f"{out_dir} was prepared with other options "
+            die(f"{out_dir} was prepared with other options "
                  f"({', '.join(f'{k}: {old.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
                  "give another --out_dir or delete it")
 
@@ -560,12 +556,12 @@ if __name__ == '__main__':
         try:
             Processor.from_pretrained(processor, min_pixels, max_pixels)
         except Exception as e:
-            fail(f"--tokenizer={tokenizer}: {e}")
+            die(f"--tokenizer={tokenizer}: {e}")
         exts = ('.tar',) if dataset == 'tars' else ('.json', '.jsonl')
         files = sorted(glob.glob(os.path.join(src, '*') if os.path.isdir(src) else src))
         files = [f for f in files if f.endswith(exts)]
         if not files:
-            fail(f"--src={src} matches no {'/'.join(exts)} files")
+            die(f"--src={src} matches no {'/'.join(exts)} files")
         units = []
         for f in files:
             stem = os.path.splitext(os.path.basename(f))[0]
@@ -577,12 +573,12 @@ if __name__ == '__main__':
                     rows = [line for line in fh if line.strip()] if f.endswith('.jsonl') else json.load(fh)
                 assert isinstance(rows, list), "not a JSON list of rows"
             except (OSError, ValueError, AssertionError) as e:
-                fail(f"--src: cannot read {f}: {e}")
+                die(f"--src: cannot read {f}: {e}")
             root = image_root or os.path.dirname(os.path.abspath(f))
             units += [(f"{stem}-{a // chunk_size:05d}", (stem, a, rows[a:a + chunk_size], root))
                       for a in range(0, len(rows), chunk_size)]
         if len({name for name, _ in units}) < len(units):
-            fail("--src: two source files share a name, and pieces are named after their source")
+            die("--src: two source files share a name, and pieces are named after their source")
 
     for split in ('train', 'val'):
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)

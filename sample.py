@@ -27,8 +27,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from model import ArtemisVLM, resolve
-from processor import Processor, load_image
+from checkpoint import load
+from configurator import configure, die
+from processor import load_image
 from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
@@ -52,44 +53,9 @@ quantize = ""  # 'int8': the decoder's linear layers in int8 for this run (quant
 min_pixels = None  # None: the checkpoint's preprocessor_config.json
 max_pixels = None
 thinking = "off"  # 'on' lets the model reason in <think>...</think> first; 'off' pre-fills an empty think block
-if __name__ == "__main__":  # serve.py imports load() from here and reads its own options
-    exec(open(os.path.join(os.path.dirname(__file__), "configurator.py")).read())
+configure(globals())
 # -----------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking, quantize=""):
-    """The model options sample.py and serve.py share: checked (a bad one is a one-line error, exit status 2), then
-    the weights and the processor loaded. Returns model, processor, decode_one."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device={device}: CUDA is not available here (torch {torch.__version__}); use --device=cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        die(f"--dtype={dtype}: expected float32, bfloat16 or float16")
-    if thinking not in ("on", "off"):
-        die(f"--thinking={thinking}: expected on or off")
-    if quantize not in ("", "int8"):
-        die(f"--quantize={quantize}: expected int8, or nothing for the checkpoint's own weights")
-    if not init_from:
-        if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
-            die("no model: train the shapes demo with `python prepare.py --dataset=shapes && python train.py "
-                "config/shapes.py`, or pass --init_from=<checkpoint dir or hub id>")
-        init_from = "out-shapes"
-    if os.path.isdir(os.path.join(init_from, "ckpt")) and not os.path.exists(os.path.join(init_from, "config.json")):
-        init_from = os.path.join(init_from, "ckpt")  # a training out_dir
-    try:
-        path = resolve(init_from)  # a hub id is downloaded once, for both loaders
-        model = ArtemisVLM.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
-        model = quantize_int8(model) if quantize else model
-        processor = Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
-    except (ValueError, FileNotFoundError) as e:
-        die(f"--init_from: {e}")
-    return model, processor, model.compile_decode() if compile else model.decode_one
 
 
 def image_paths(image):
@@ -244,7 +210,16 @@ def main():
         images = [] if folder else [load_image(p) for p in paths]
     except ValueError as e:
         die(f"--image: {e}")
-    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking, quantize)
+    if thinking not in ("on", "off"):
+        die(f"--thinking={thinking}: expected on or off")
+    if quantize not in ("", "int8"):
+        die(f"--quantize={quantize}: expected int8, or nothing for the checkpoint's own weights")
+    try:
+        model, processor = load(init_from, device, dtype, min_pixels, max_pixels)
+    except ValueError as e:
+        die(e)
+    model = quantize_int8(model) if quantize else model
+    decode_one = model.compile_decode() if compile else model.decode_one
     torch.manual_seed(seed)
     if folder:
         caption_folder(model, processor, decode_one, paths)

@@ -29,8 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from checkpoint import load
+from configurator import configure, die
 from processor import load_image
-from sample import load
+from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
 init_from = ""  # an artemis checkpoint dir, a training out_dir (checkpoint in <out_dir>/ckpt) or a hub repo id
@@ -49,7 +51,7 @@ api_key = ""  # '': no key; else clients send 'Authorization: Bearer <api_key>'
 max_tokens = 512  # a request's max_tokens when it gives none (capped by the context)
 max_image_bytes = 20 * 2**20  # an image (data: URL, file or download) larger than this is refused
 fetch_timeout = 10.0  # seconds for an http(s) image
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+configure(globals())
 # -----------------------------------------------------------------------------
 MAX_BODY = 4 * max_image_bytes  # a request body larger than this is refused before it is read
 
@@ -416,19 +418,25 @@ def usage(r, n):
 if __name__ == "__main__":
     for k, v in dict(max_batch=max_batch, max_tokens=max_tokens, max_image_bytes=max_image_bytes).items():
         if v < 1:
-            print(f"error: --{k}={v}: expected at least 1", file=sys.stderr)
-            sys.exit(2)
+            die(f"--{k}={v}: expected at least 1")
     if not 0 <= port < 65536:
-        print(f"error: --port={port}: expected 0 (any free port) to 65535", file=sys.stderr)
-        sys.exit(2)
-    model, processor, decode_one = load(init_from, device, dtype, compile, min_pixels, max_pixels, thinking, quantize)
+        die(f"--port={port}: expected 0 (any free port) to 65535")
+    if thinking not in ("on", "off"):
+        die(f"--thinking={thinking}: expected on or off")
+    if quantize not in ("", "int8"):
+        die(f"--quantize={quantize}: expected int8, or nothing for the checkpoint's own weights")
+    try:
+        model, processor = load(init_from, device, dtype, min_pixels, max_pixels)
+    except ValueError as e:
+        die(e)
+    model = quantize_int8(model) if quantize else model
+    decode_one = model.compile_decode() if compile else model.decode_one
     model_id, started = init_from or "out-shapes", int(time.time())
     threading.Thread(target=worker, daemon=True).start()
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
-        print(f"error: --host={host} --port={port}: cannot listen there ({e.strerror})", file=sys.stderr)
-        sys.exit(2)
+        die(f"--host={host} --port={port}: cannot listen there ({e.strerror})")
     server.daemon_threads = True
     print(f"serving {model_id} on http://{host}:{server.server_address[1]}/v1 (max_batch {max_batch})",
           file=sys.stderr, flush=True)

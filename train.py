@@ -19,7 +19,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -29,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ArtemisConfig, ArtemisVLM, TextConfig, read_tensors, resolve
+from checkpoint import from_parts, from_pretrained, load_train_state, resolve, save_train_state
+from configurator import configure, die
+from model import ArtemisConfig, ArtemisVLM, TextConfig
 from prepare import Mixture
 from processor import Processor, has_think
 from vision import VisionConfig
@@ -91,16 +92,9 @@ seed = 1337
 peak_flops = 989e12  # per GPU, for MFU: H100 SXM dense bf16
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+configure(globals())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
-
-
-def die(msg):
-    """One line on stderr and exit status 2, as configurator.py, prepare.py and sample.py do."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
 
 if dtype not in ("float32", "bfloat16"):  # float16 would need a GradScaler; bf16 does not
     die(f"dtype={dtype!r}, expected 'float32' or 'bfloat16'")
@@ -167,26 +161,14 @@ frozen_dtype = ptdtype
 
 
 def init_model():
-    """(model, processor, resume state or None) as init_from says."""
-    state = None
-    if init_from == "resume":
-        ckpt = resolve(ckpt_dir)  # or the previous checkpoint, where a save stopped halfway through its swap
-        path = os.path.join(ckpt, "train_state.pt")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # missing, truncated or not a torch.save file: pickle and zip raise many kinds
-            raise ValueError(f"{path}: unreadable resume state ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-        model = ArtemisVLM.from_pretrained(ckpt, dtype=frozen_dtype, device=device)
-        processor = Processor.from_pretrained(ckpt)
-    elif init_from == "pretrained":
-        path = resolve(pretrained)  # a hub id is fetched once, for both loaders
-        model = ArtemisVLM.from_pretrained(path, dtype=frozen_dtype, device=device)
+    """(model, processor) as init_from says; a resumed run's optimizer, step and RNG are restored by resume() below."""
+    if init_from in ("resume", "pretrained"):
+        path = resolve(ckpt_dir if init_from == "resume" else pretrained)  # a hub id is fetched once, for both loaders
+        model = from_pretrained(path, dtype=frozen_dtype, device=device)
         processor = Processor.from_pretrained(path)
     elif init_from == "parts":
         path = resolve(text_model)
-        model = ArtemisVLM.from_parts(path, vision_model, image_token_id, dtype=frozen_dtype, device=device,
-                                      seed=seed)
+        model = from_parts(path, vision_model, image_token_id, dtype=frozen_dtype, device=device, seed=seed)
         processor = Processor.from_pretrained(path)  # the decoder's tokenizer and chat template
     elif init_from == "scratch":
         processor = Processor.from_pretrained(train_ds.processor_dir)
@@ -210,11 +192,11 @@ def init_model():
                 torch.nn.init.zeros_(p)
     else:
         die(f"init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
-    return model, processor, state
+    return model, processor
 
 
 try:
-    model, processor, state = init_model()
+    model, processor = init_model()
 except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key or argument
     die(f"init_from={init_from!r}: {e}")
 if model.config.quantization:  # int8 weights take no gradients, and saving would write float over them
@@ -225,11 +207,8 @@ if processor.image_token_id != model.config.image_token_id:
                      f"image_token_id is {model.config.image_token_id}")
 n_trainable, n_total = model.set_training_stage(stage, vision_top_n)
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-# on resume, the saved fp32 master weights themselves, not their rounding to frozen_dtype
-exact = {} if state is None else read_tensors(resolve(ckpt_dir), lambda k: k if k in trainable else None,
-                                              torch.float32, device)
-for n, p in trainable.items():
-    p.data = exact.get(n, p.data).float()
+for p in trainable.values():
+    p.data = p.data.float()  # the optimizer's master copy; a resumed run reads the saved fp32 values into it
 model.language_model.gradient_checkpointing = gradient_checkpointing
 if master:
     print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters")
@@ -357,6 +336,7 @@ def get_lr(it):
 
 def save_checkpoint():
     """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once."""
+    global saved_at
     sd = model.state_dict()
     if fsdp:  # gather the sharded DTensors one at a time (a collective); only process 0 keeps them, on CPU
         full = {}
@@ -366,41 +346,45 @@ def save_checkpoint():
                 full[k] = v.cpu()
         sd = full
     opt = None if fsdp else optimizer.state_dict()  # sharded optimizer state needs torch.distributed.checkpoint
-    global saved_at
     saved_at = iter_num
-    if not master:
-        return
-    resume = {"iter_num": iter_num, "best_val_loss": best_val_loss, "optimizer": opt, "config": config,
-              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                      "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}}
-
-    def extra(d):
-        processor.save_pretrained(d)
-        torch.save(resume, os.path.join(d, "train_state.pt"))
-
-    model.save_pretrained(ckpt_dir, write_extra=extra, state_dict=sd)
-    print(f"saved checkpoint to {ckpt_dir} at iter {iter_num}")
+    if master:
+        save_train_state(ckpt_dir, model, processor, state_dict=sd, state={
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "optimizer": opt, "config": config,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}})
+        print(f"saved checkpoint to {ckpt_dir} at iter {iter_num}")
 
 
-iter_num, best_val_loss, saved_at = 0, float("inf"), None
-if state is not None:
-    iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+def resume():
+    """What save_checkpoint wrote, restored: the fp32 trainable weights, optimizer, RNG; returns (iter_num,
+    best_val_loss). The data order and the lr schedule are functions of the step and the config keys checked here."""
+    try:
+        state, exact = load_train_state(ckpt_dir, trainable, device)
+    except (ValueError, FileNotFoundError) as e:
+        die(f"init_from='resume': {e}")
     was = state["config"]
     changed = [k for k in ("dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage",
                            "warmup_frac", "vision_top_n", "length_window") if was.get(k) != config[k]]
-    if changed:  # the data order and the lr schedule are functions of these
+    if changed:
         die(f"resume with other {', '.join(changed)} than the run in {ckpt_dir} "
-                         f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
+            f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
     if state["optimizer"] is None:
         die(f"{ckpt_dir} was written by an fsdp run, which saves no optimizer state; start from "
-                         f"its weights with --init_from=pretrained --pretrained={ckpt_dir}")
+            f"its weights with --init_from=pretrained --pretrained={ckpt_dir}")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(exact[n])  # the saved fp32 master weights themselves, not their rounding to frozen_dtype
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    state = None
+    return state["iter_num"], state["best_val_loss"]
+
+
+saved_at = None
+iter_num, best_val_loss = resume() if init_from == "resume" else (0, float("inf"))
 
 stop_requested = False
 

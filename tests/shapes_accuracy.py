@@ -11,13 +11,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ArtemisVLM  # noqa: E402
+from checkpoint import from_pretrained  # noqa: E402
 from prepare import PreparedDataset  # noqa: E402
 from processor import Processor  # noqa: E402
 
 ckpt = sys.argv[1] if len(sys.argv) > 1 else "out-shapes/ckpt"
 data = sys.argv[2] if len(sys.argv) > 2 else "data/shapes"
-model = ArtemisVLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+model = from_pretrained(ckpt, dtype=torch.float32).eval()
 proc = Processor.from_pretrained(ckpt)
 ds = PreparedDataset(data, "val")
 t0, right, wrong = time.time(), 0, []

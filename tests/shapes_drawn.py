@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ArtemisVLM  # noqa: E402
+from checkpoint import from_pretrained  # noqa: E402
 from processor import Processor, load_image  # noqa: E402
 
 PALETTE = {  # MS Paint's swatches, CSS named colors and a darker shade of each
@@ -88,7 +88,7 @@ def draw(r):
 if __name__ == "__main__":
     ckpt = sys.argv[1] if len(sys.argv) > 1 else "out-shapes/ckpt"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-    model = ArtemisVLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    model = from_pretrained(ckpt, dtype=torch.float32).eval()
     proc = Processor.from_pretrained(ckpt)
     r = random.Random("drawn")  # another seed space than prepare.py's
     t0, right, wrong, words = time.time(), 0, [], Counter()

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 artemis_vlm = pytest.importorskip("artemis_vlm")
 from transformers import MistralConfig, MistralForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration  # noqa: E402
 
-from model import ArtemisConfig, ArtemisVLM, Mistral, TextConfig, read_tensors  # noqa: E402
+from checkpoint import from_parts, from_pretrained, read_tensors, save_pretrained  # noqa: E402
+from model import ArtemisConfig, Mistral, TextConfig  # noqa: E402
 
 VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
               num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=16, spatial_merge_size=2,
@@ -91,7 +92,7 @@ def test_decoder_matches_transformers(tmp_path, window):
 @pytest.mark.parametrize("window", [None, 5])
 def test_graft_matches_artemis_logits_and_loss(tmp_path, window):
     ref, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": window})
-    ours = ArtemisVLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = from_pretrained(path, dtype=torch.float32).eval()
     ids, mask, labels, pixels = image_batch()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=GRIDS, labels=labels)
@@ -106,7 +107,7 @@ def test_graft_matches_artemis_logits_and_loss(tmp_path, window):
 
 def test_image_count_mismatch_is_an_error(tmp_path):
     _, path = artemis_reference(tmp_path)
-    ours = ArtemisVLM.from_pretrained(path)
+    ours = from_pretrained(path)
     ids, mask, _, pixels = image_batch()
     with pytest.raises(ValueError, match="image placeholders"):
         ours(ids[:, :-1][:, 3:], pixels, GRIDS)
@@ -123,11 +124,11 @@ def test_from_parts_saves_a_checkpoint_artemis_loads(tmp_path):
                                                              "rope_theta": 1e4}))
     qv = perturb(Qwen3VLForConditionalGeneration(qcfg), 1)
     qv.save_pretrained(tmp_path / "qwen")
-    ours = ArtemisVLM.from_parts(str(tmp_path / "text"), str(tmp_path / "qwen"), dtype=torch.float32).eval()
+    ours = from_parts(str(tmp_path / "text"), str(tmp_path / "qwen"), dtype=torch.float32).eval()
     vis_want = {k.removeprefix("model.visual."): v for k, v in qv.state_dict().items() if k.startswith("model.visual.")}
     for k, v in ours.visual.state_dict().items():
         assert torch.equal(v, vis_want[k]), k
-    ours.save_pretrained(str(tmp_path / "graft"), max_shard_size=20_000)  # forces several shards + an index
+    save_pretrained(ours, str(tmp_path / "graft"), max_shard_size=20_000)  # forces several shards + an index
     assert os.path.exists(tmp_path / "graft" / "model.safetensors.index.json")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "graft"), dtype=torch.float32).eval()
     ids, mask, labels, pixels = image_batch(1)
@@ -136,7 +137,7 @@ def test_from_parts_saves_a_checkpoint_artemis_loads(tmp_path):
         got, _ = ours(ids, pixels, GRIDS, attention_mask=mask)
     assert (logprobs(got) - logprobs(want))[mask.bool()].abs().max() <= 1e-4
     # and it loads back through ours, unchanged
-    again = ArtemisVLM.from_pretrained(str(tmp_path / "graft"))
+    again = from_pretrained(str(tmp_path / "graft"))
     for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -149,17 +150,17 @@ def test_strict_loading_names_the_key(tmp_path):
     del bad["language_model.model.norm.weight"]
     save_file(bad, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensor 'language_model.model.norm.weight' \(expected shape \(40,\)\)"):
-        ArtemisVLM.from_pretrained(path)
+        from_pretrained(path)
     bad = dict(sd)
     bad["multi_modal_projector.fc1.bias"] = torch.zeros(3)
     save_file(bad, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"'multi_modal_projector.fc1.bias' has shape \(3,\), expected \(40,\)"):
-        ArtemisVLM.from_pretrained(path)
+        from_pretrained(path)
     bad = dict(sd)
     bad["language_model.model.extra"] = torch.zeros(3)
     save_file(bad, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected tensor 'language_model.model.extra'"):
-        ArtemisVLM.from_pretrained(path)
+        from_pretrained(path)
     # the deepstack mergers are on the ignore list, so the untouched checkpoint loads
     assert any(k.startswith("visual.deepstack_merger_list.") for k in sd)
 
@@ -179,13 +180,13 @@ def test_config_spellings():
 
 def test_tied_embeddings_round_trip(tmp_path):
     ref, path = artemis_reference(tmp_path, {**TEXT, "tie_word_embeddings": True})
-    ours = ArtemisVLM.from_pretrained(path)
+    ours = from_pretrained(path)
     assert ours.language_model.lm_head.weight is ours.language_model.model.embed_tokens.weight
     ids = torch.randint(30, 90, (1, 9))
     with torch.no_grad():
         assert (logprobs(ours(ids)[0]) - logprobs(ref(input_ids=ids).logits)).abs().max() <= 1e-4
-    ours.save_pretrained(str(tmp_path / "again"))
-    again = ArtemisVLM.from_pretrained(str(tmp_path / "again"))
+    save_pretrained(ours, str(tmp_path / "again"))
+    again = from_pretrained(str(tmp_path / "again"))
     assert torch.equal(again.language_model.lm_head.weight, ours.language_model.model.embed_tokens.weight)
 
 
@@ -200,7 +201,7 @@ def uncached_greedy(model, ids, mask, n, pixels=None, grids=None):
 @pytest.mark.parametrize("window", [None, 6])
 def test_cached_generation_equals_uncached(tmp_path, window):
     _, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": window})
-    model = ArtemisVLM.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(30, 90, (3, 7), generator=g)
     mask = torch.ones_like(ids)
@@ -221,7 +222,7 @@ def test_chunked_loss_equals_the_full_logits_loss(tmp_path, dtype):
     """forward(labels=...) runs the head a chunk of positions at a time, gradients computed on the way; the loss and every
     gradient equal those of the plain cross-entropy over the full logits, in fp32 and under bf16 autocast."""
     _, path = artemis_reference(tmp_path, {**TEXT, "vocab_size": 131072})  # chunks of 128 rows
-    model = ArtemisVLM.from_pretrained(path).train()
+    model = from_pretrained(path).train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(30, 90, (2, 300), generator=g)
     labels = ids.clone()
@@ -250,7 +251,7 @@ def test_compiled_decode_is_captured_once(tmp_path):
     """One compilation of decode_one (the CPU recipe: inductor, frozen weights) serves every token of prompts of
     different lengths (the cache is reused, so its shapes never change), and gives the eager tokens."""
     _, path = artemis_reference(tmp_path, {**TEXT, "sliding_window": 6})
-    model = ArtemisVLM.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     torch._dynamo.reset()
     step = model.compile_decode()
     g = torch.Generator().manual_seed(0)
@@ -267,7 +268,7 @@ def test_compiled_decode_is_captured_once(tmp_path):
 
 def test_generation_sees_the_image_and_stops(tmp_path):
     ref, path = artemis_reference(tmp_path)
-    model = ArtemisVLM.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     with torch.no_grad():
         model.multi_modal_projector.fc2.weight.mul_(50)  # make the image dominate a random decoder
     grid = GRIDS[:1]
@@ -296,22 +297,22 @@ def test_sampling_options():
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _, path = artemis_reference(tmp_path)
-    model = ArtemisVLM.from_pretrained(path)
+    model = from_pretrained(path)
     target = str(tmp_path / "ckpt")
-    model.save_pretrained(target)
+    save_pretrained(model, target)
     before = sorted(os.listdir(target))
-    import model as model_module
+    import checkpoint
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the run were killed while writing the shards
 
-    monkeypatch.setattr(model_module, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_file", crash)
     with torch.no_grad():
         model.multi_modal_projector.fc1.bias.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        model.save_pretrained(target)
+        save_pretrained(model, target)
     assert sorted(os.listdir(target)) == before
-    again = ArtemisVLM.from_pretrained(target)
+    again = from_pretrained(target)
     assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
     # stopped between its two renames: the previous checkpoint still loads from where the first put it
     monkeypatch.undo()
@@ -323,24 +324,24 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         renames.append(dst)
         os.replace(src, dst)
 
-    monkeypatch.setattr(model_module.os, "rename", rename_then_crash)
+    monkeypatch.setattr(checkpoint.os, "rename", rename_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        model.save_pretrained(target)
+        save_pretrained(model, target)
     monkeypatch.undo()
     assert not os.path.exists(target) and renames == [target + ".old"]
-    again = ArtemisVLM.from_pretrained(target)
+    again = from_pretrained(target)
     assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="no-such-org/no-such-graft: not a local directory, and fetching it"):
-        ArtemisVLM.from_pretrained("no-such-org/no-such-graft")
+        from_pretrained("no-such-org/no-such-graft")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     _, path = artemis_reference(tmp_path)
-    model = ArtemisVLM.from_pretrained(path).train()
+    model = from_pretrained(path).train()
     ids, mask, labels, pixels = image_batch()
     grads, calls = [], []
     mlp = model.language_model.model.layers[0].mlp

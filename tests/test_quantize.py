@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ArtemisConfig, ArtemisVLM, TextConfig
-from quantize import Int8Linear, int8_linear, quantize_int8
+from checkpoint import from_pretrained, save_pretrained
+from model import ArtemisConfig, ArtemisVLM, Int8Linear, TextConfig
+from quantize import int8_linear, quantize_int8
 from test_model import GRIDS, IMG, TEXT, VISION, image_batch, perturb
 from test_sample import checkpoint
 from vision import VisionConfig
@@ -77,17 +78,17 @@ def test_every_matmul_path_is_the_dequantized_product():
 
 def test_quantized_checkpoint_round_trips(tmp_path):
     model = quantize_int8(parity_model())
-    model.save_pretrained(str(tmp_path / "int8"))
+    save_pretrained(model, str(tmp_path / "int8"))
     with open(tmp_path / "int8" / "config.json") as f:
         assert json.load(f)["quantization"]["method"] == "int8"
-    again = ArtemisVLM.from_pretrained(str(tmp_path / "int8"))
+    again = from_pretrained(str(tmp_path / "int8"))
     for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
     ids, mask, _, pixels = image_batch()
     with torch.no_grad():
         assert torch.equal(model(ids, pixels, GRIDS, attention_mask=mask)[0],
                            again(ids, pixels, GRIDS, attention_mask=mask)[0])
-    half = ArtemisVLM.from_pretrained(str(tmp_path / "int8"), dtype=torch.bfloat16)
+    half = from_pretrained(str(tmp_path / "int8"), dtype=torch.bfloat16)
     q_proj = half.language_model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.dtype == torch.int8 and q_proj.scales.dtype == torch.bfloat16
     # the loss path dequantizes the int8 head: the same loss as the logits give
@@ -103,7 +104,7 @@ def test_quantized_checkpoint_round_trips(tmp_path):
     del sd["language_model.lm_head.scales"]
     save_file(sd, str(tmp_path / "int8" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensor 'language_model.lm_head.scales' \(expected shape \(96,\)\)"):
-        ArtemisVLM.from_pretrained(str(tmp_path / "int8"))
+        from_pretrained(str(tmp_path / "int8"))
 
 
 def test_compiled_int8_decode_equals_eager(tmp_path):
@@ -131,7 +132,7 @@ def test_scripts_quantize_sample_and_refuse_to_train(tmp_path):
     r = script("quantize.py", f"--init_from={tmp_path / 'out'}", f"--out_dir={tmp_path / 'int8'}")  # an out_dir
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "int8")) == sorted(os.listdir(src))  # tokenizer, template, preprocessor
-    assert ArtemisVLM.from_pretrained(str(tmp_path / "int8")).config.quantization == "int8"
+    assert from_pretrained(str(tmp_path / "int8")).config.quantization == "int8"
     for args in ([f"--init_from={tmp_path / 'int8'}"], [f"--init_from={src}", "--quantize=int8"]):
         r = script("sample.py", *args, "--device=cpu", "--prompt=Hello", "--max_new_tokens=8")
         assert r.returncode == 0 and r.stdout == "Hi\n", r.stderr

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from checkpoint import from_pretrained, save_pretrained
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from processor import Processor
 from vision import VisionConfig
@@ -60,7 +61,7 @@ def checkpoint(path, scripted=False):
             for k, (a, b) in enumerate(zip(chain, chain[1:])):
                 lm.model.embed_tokens.weight[a] = torch.eye(32)[k]
                 lm.lm_head.weight[b, k] = 10.0
-    model.save_pretrained(str(path))
+    save_pretrained(model, str(path))
     Processor(tok, special_tokens={"eos_token": "<|endoftext|>"}, max_pixels=128 * 128).save_pretrained(path)
     return str(path)
 
@@ -115,7 +116,7 @@ def test_two_images_greedy_matches_generate(files):
             "--temperature=0")
     r1, r2 = run(*args), run(*args)
     assert summary(r1)[1] == 10 and r1.stdout == r2.stdout
-    model, proc = ArtemisVLM.from_pretrained(files["random"]), Processor.from_pretrained(files["random"])
+    model, proc = from_pretrained(files["random"]), Processor.from_pretrained(files["random"])
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}]
     inputs = proc(proc.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False),
                   images=[files["a"], files["b"]])
@@ -144,9 +145,8 @@ def bad_dirs(d):
         weights = (d / "truncated" / "model.safetensors").read_bytes()
         (d / "truncated" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     if not (d / "noshard").exists():  # a sharded checkpoint with one shard missing
-        ArtemisVLM.from_pretrained(d / "scripted").save_pretrained(str(d / "noshard"), max_shard_size=200_000,
-                                                                   write_extra=Processor.from_pretrained(
-                                                                       d / "scripted").save_pretrained)
+        save_pretrained(from_pretrained(d / "scripted"), str(d / "noshard"), max_shard_size=200_000,
+                        write_extra=Processor.from_pretrained(d / "scripted").save_pretrained)
         os.remove(sorted((d / "noshard").glob("model-*.safetensors"))[1])
 
 
@@ -177,7 +177,7 @@ def test_cuda_absent(files):
 
 
 def greedy_caption(ckpt, path, n=16):
-    model, proc = ArtemisVLM.from_pretrained(ckpt), Processor.from_pretrained(ckpt)
+    model, proc = from_pretrained(ckpt), Processor.from_pretrained(ckpt)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}]
     inputs = proc(proc.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False), images=[path])
     new = model.generate(inputs["input_ids"], n, temperature=0, pixel_values=inputs["pixel_values"],

@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from model import ArtemisVLM
+from checkpoint import from_pretrained
 from processor import Processor
 from test_sample import CTX, REPO, checkpoint
 
@@ -52,7 +52,7 @@ def srv(tmp_path_factory):
             assert json.load(r) == {"status": "ok"}
         yield dict(dir=d, url=url, log=d / "log", a=str(d / "a.png"), b=str(d / "b.png"), big=str(d / "big.png"),
                    txt=str(d / "notes.txt"), client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0),
-                   model=ArtemisVLM.from_pretrained(ckpt), proc=Processor.from_pretrained(ckpt), greedy={})
+                   model=from_pretrained(ckpt), proc=Processor.from_pretrained(ckpt), greedy={})
     finally:
         p.terminate()
         p.wait(10)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint import from_pretrained, save_pretrained
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from processor import Processor
 from vision import VisionConfig
@@ -44,7 +45,7 @@ def losses(out):
 
 
 def weights(path):
-    return ArtemisVLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    return from_pretrained(path, dtype=torch.float32).state_dict()
 
 
 def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
@@ -84,7 +85,7 @@ def tiny_ckpt(tmp_path_factory, data):
     vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                           num_position_embeddings=16, deepstack_visual_indexes=[])
     model = ArtemisVLM(ArtemisConfig(text, vision, proc.image_token_id))
-    model.save_pretrained(d, write_extra=proc.save_pretrained)
+    save_pretrained(model, d, write_extra=proc.save_pretrained)
     return d
 
 
@@ -137,7 +138,7 @@ def test_checkpoint_loads_in_artemis_vlm(tmp_path, data, tiny_ckpt):
           "--max_iters=1", "--eval_interval=1")
     ckpt = str(tmp_path / "ckpt")
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    ours = ArtemisVLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = from_pretrained(ckpt, dtype=torch.float32).eval()
     proc = Processor.from_pretrained(ckpt)
     from PIL import Image
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]

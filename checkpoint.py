@@ -1,0 +1,295 @@
+"""
+Checkpoints on disk, all in one place: finding one (a directory, a training out_dir, a hub repo id), reading it
+strictly one tensor at a time, assembling a new graft from parts, writing the artemis-vlm layout atomically, and the
+training resume state, written and read side by side (as nanochat's checkpoint_manager keeps them).
+
+    model = from_pretrained("schneewolflabs/A3", dtype=torch.bfloat16, device="cuda")   # an artemis-vlm checkpoint
+    model = from_parts("schneewolflabs/A2", "Qwen/Qwen3-VL-2B-Instruct")   # artemis-vlm's from_a2_and_vision
+    save_pretrained(model, "out/graft")        # config.json + safetensors, sharded above 5 GiB; transformers loads it
+    model, processor = load("out-stage1")      # what sample.py and serve.py load: weights and processor together
+
+The model is built on the meta device and every tensor is read straight into its dtype and device, then assigned by
+a strict load: each checkpoint key is consumed or on IGNORED_KEYS, and a missing, extra or misshapen tensor is an
+error that names it. An int8 checkpoint (quantize.py) is built with its Int8Linear modules before that load.
+"""
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import ArtemisConfig, ArtemisVLM, Int8Linear, Projector, TextConfig
+from processor import Processor
+from vision import VisionConfig
+
+# Checkpoint tensors the graft reads past on purpose. Qwen3-VL feeds its DeepStack mergers into its own decoder's early
+# layers; Artemis keeps the Mistral decoder unmodified, so it never uses them.
+IGNORED_KEYS = ("visual.deepstack_merger_list.",)
+TRAIN_STATE = "train_state.pt"  # beside the weights of a training checkpoint: optimizer, step, RNG, config
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found, expected a Hugging Face checkpoint file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def resolve(path):
+    """A local checkpoint directory as is, the checkpoint inside a training out_dir (<out_dir>/ckpt), or a hub repo id
+    fetched through huggingface-hub. A save stopped between its two renames left the previous one at <path>.old."""
+    if os.path.isdir(os.path.join(path, "ckpt")) and not os.path.exists(os.path.join(path, "config.json")):
+        path = os.path.join(path, "ckpt")  # a training out_dir
+    if os.path.isdir(path):
+        return path
+    if os.path.isdir(path.rstrip("/") + ".old"):
+        return path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        raise ValueError(f"{path}: is a file, expected a checkpoint directory or a hub repo id")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+    except Exception as e:
+        raise ValueError(f"{path}: not a local directory, and fetching it from the hub failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_config(path):
+    """The ArtemisConfig of an artemis-vlm checkpoint directory and its config.json as read."""
+    d = read_json(os.path.join(path, "config.json"))
+    where = f"{path}/config.json"
+    if d.get("model_type") != "artemis_vlm":
+        raise ValueError(f"{where}: model_type {d.get('model_type')!r}, expected 'artemis_vlm'")
+    if d.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{where}: projector_hidden_act {d['projector_hidden_act']!r}, expected 'gelu'")
+    if (d.get("quantization") or {}).get("method") not in (None, "int8"):
+        raise ValueError(f"{where}: quantization method {d['quantization'].get('method')!r}, expected 'int8'")
+    try:
+        return ArtemisConfig.from_dict(d), d
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: not an artemis_vlm config ({e})") from None
+
+
+def read_tensors(path, rename, dtype, device):
+    """{rename(key): tensor} for the checkpoint's tensors whose rename is not None, read one at a time straight
+    into `dtype` on `device` (floating tensors; int8 weights stay int8), so host memory holds at most one copy."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" of tensor names to shard files")
+        files = sorted(set(weight_map.values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: not found, though {index} maps tensors to it (a shard missing from "
+                                    "the download?)")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    new = rename(k)
+                    if new is not None:
+                        t = f.get_tensor(k)
+                        sd[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        except SafetensorError as e:  # cut short by an interrupted copy or download, or not safetensors at all
+            raise ValueError(f"{file}: truncated or not a safetensors file ({e})") from None
+    return sd
+
+
+def load_strict(model, sd, where):
+    """Assign sd's tensors to the model (never copied into a random init), with errors that name the key."""
+    tied = model.config.text.tie_word_embeddings
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    if tied:  # transformers writes a tied head once, as the embedding table
+        want.pop("language_model.lm_head.weight")
+        sd.pop("language_model.lm_head.weight", None)
+    for k in want:
+        if k not in sd:
+            raise ValueError(f"{where}: missing tensor {k!r} (expected shape {tuple(want[k])})")
+        if sd[k].shape != want[k]:
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(want[k])}")
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise ValueError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+    model.load_state_dict(sd, strict=not tied, assign=True)
+    if tied:  # assign=True replaced the shared Parameter: share it again
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    return model
+
+
+def from_pretrained(path, dtype=None, device="cpu"):
+    """An artemis-vlm checkpoint (a directory, single file or sharded; a training out_dir; a hub repo id), in its own
+    dtype unless one is given."""
+    path = resolve(path)
+    config, cfg = read_config(path)
+    dtype = dtype or getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    sd = read_tensors(path, lambda k: None if k.startswith(IGNORED_KEYS) else k, dtype, device)
+    with torch.device("meta"):
+        model = ArtemisVLM(config)
+        for parent, name, linear in int8_targets(model) if config.quantization else []:  # empty until the load
+            setattr(parent, name, Int8Linear(linear.in_features, linear.out_features))
+    return load_strict(model, sd, path)
+
+
+def int8_targets(model):
+    """(parent, name, linear) of each decoder nn.Linear that an int8 checkpoint (quantize.py) holds as an Int8Linear:
+    all but a tied head, since an int8 copy would sit beside the float table the embedding lookup still needs."""
+    lm, tied = model.language_model, model.config.text.tie_word_embeddings
+    return [(m, name, child) for m in lm.modules() for name, child in m.named_children()
+            if isinstance(child, nn.Linear) and not (tied and child is lm.lm_head)]
+
+
+def from_parts(text_path, vision_path, image_token_id=22, video_token_id=23, dtype=None, device="cpu", seed=0):
+    """A new graft: a Mistral-family decoder checkpoint + the vision tower of a Qwen3-VL checkpoint (only its
+    `model.visual.*` tensors are read) + a freshly initialised projector."""
+    text_path, vision_path = resolve(text_path), resolve(vision_path)
+    tcfg = read_json(os.path.join(text_path, "config.json"))
+    vcfg = read_json(os.path.join(vision_path, "config.json"))
+    if tcfg.get("model_type") != "mistral":
+        raise ValueError(f"{text_path}/config.json: model_type {tcfg.get('model_type')!r}, expected 'mistral'")
+    if "vision_config" not in vcfg:
+        raise ValueError(f"{vision_path}/config.json: no 'vision_config', expected a Qwen3-VL checkpoint")
+    config = ArtemisConfig(TextConfig.from_dict(tcfg), VisionConfig.from_dict(vcfg["vision_config"]),
+                           image_token_id, video_token_id)
+    dtype = dtype or getattr(torch, tcfg.get("dtype") or tcfg.get("torch_dtype") or "float32")
+    with torch.device("meta"):
+        model = ArtemisVLM(config)
+    sd = read_tensors(text_path, lambda k: "language_model." + k, dtype, device)
+
+    def vision_key(k):
+        for prefix in ("model.visual.", "visual."):
+            if k.startswith(prefix):
+                k = "visual." + k[len(prefix):]
+                return None if k.startswith(IGNORED_KEYS) else k
+
+    sd.update(read_tensors(vision_path, vision_key, dtype, device))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, which artemis-vlm's from_a2_and_vision keeps
+        torch.manual_seed(seed)
+        fresh = Projector(config.vision.out_hidden_size, config.text.hidden_size)
+    sd.update({"multi_modal_projector." + k: v.to(device, dtype) for k, v in fresh.state_dict().items()})
+    return load_strict(model, sd, f"{text_path} + {vision_path}")
+
+
+def save_pretrained(model, path, max_shard_size=5 * 2**30, write_extra=None, state_dict=None):
+    """config.json + safetensors in the artemis-vlm layout, sharded above max_shard_size bytes with an index.
+    Written into `path.tmp` and renamed over `path`, so an interrupted save never leaves a checkpoint that
+    looks complete. write_extra(tmp_dir) adds files (tokenizer, resume state) inside the same swap;
+    state_dict replaces model.state_dict() (a gathered FSDP one)."""
+    sd = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    if model.config.text.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight")  # transformers re-ties it from embed_tokens
+    shards, size = [{}], 0
+    for k, v in sd.items():
+        n = nbytes([v])
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_json(os.path.join(tmp, "config.json"), model.config.to_dict(next(iter(sd.values())).dtype))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": nbytes(sd.values())}, "weight_map": weight_map})
+    if write_extra is not None:
+        write_extra(tmp)
+    for name in os.listdir(tmp):  # on disk before the renames below make them the checkpoint
+        fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_side_files(src, dst):
+    """The tokenizer, chat template and preprocessor config of checkpoint src into dst: all but its weights, its
+    config.json and a training checkpoint's resume state."""
+    for name in os.listdir(src):
+        if name == "config.json" or name.startswith("model") and ".safetensors" in name or name.endswith(".pt"):
+            continue
+        (shutil.copytree if os.path.isdir(os.path.join(src, name)) else shutil.copy)(
+            os.path.join(src, name), os.path.join(dst, name))
+
+
+# ----------------------------------------------------------------------------------------------
+# training checkpoints: what train.py resumes from, written and read here side by side
+
+def save_train_state(path, model, processor, state, state_dict=None):
+    """A training checkpoint: the weights in the artemis-vlm layout (sample.py, artemis-vlm and transformers load
+    them), the processor, and `state` (optimizer, step, RNG, config) as train_state.pt, swapped in at once."""
+    def extra(d):
+        processor.save_pretrained(d)
+        torch.save(state, os.path.join(d, TRAIN_STATE))
+
+    save_pretrained(model, path, write_extra=extra, state_dict=state_dict)
+
+
+def load_train_state(path, trainable, device):
+    """What save_train_state wrote: (state, {name: fp32 tensor} of the names in `trainable`). The trainable weights
+    are read in fp32, the optimizer's master copy, not rounded to the dtype the frozen rest was loaded in."""
+    path = resolve(path)  # or the previous checkpoint, where a save stopped halfway through its swap
+    file = os.path.join(path, TRAIN_STATE)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # missing, truncated or not a torch.save file: pickle and zip raise many kinds
+        raise ValueError(f"{file}: unreadable resume state ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    return state, read_tensors(path, lambda k: k if k in trainable else None, torch.float32, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# inference: the model options sample.py and serve.py share
+
+def load(init_from, device="cpu", dtype="", min_pixels=None, max_pixels=None):
+    """(model in eval mode, processor) from a checkpoint dir, a training out_dir or a hub id (fetched once for both);
+    '' is the shapes demo's out_dir. dtype '' is bfloat16 on CUDA, float32 on a CPU. A bad option is a ValueError
+    that names it."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: CUDA is not available here (torch {torch.__version__}); use --device=cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+    if not init_from:
+        if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
+            raise ValueError("no model: train the shapes demo with `python prepare.py --dataset=shapes && python "
+                             "train.py config/shapes.py`, or pass --init_from=<checkpoint dir or hub id>")
+        init_from = "out-shapes"
+    try:
+        path = resolve(init_from)
+        model = from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
+        return model, Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--init_from: {e}") from None
