@@ -13,7 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from prepare import PreparedDataset  # noqa: E402  (importing must not read pytest's command line as options)
+from dataset import PreparedDataset  # noqa: E402
 from processor import Processor, smart_resize  # noqa: E402
 
 
