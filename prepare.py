@@ -108,8 +108,8 @@ def caption_row(caption, prompt):
 
 
 def shape_caption(size, color, shape, bg, words='full'):  # the grammar of shapes and drawings, and of their tokenizer
-    # 'shape' leaves out color and background: learned from the start, they slow the learning of shape (see
-    # config/drawings_shape.py)
+    # 'shape' leaves out color and background: learned from the start, they slow the learning of shape (the runs that
+    # showed it: docs/experiments.md)
     return f"a {size} {color} {shape} on a {bg} background." if words == 'full' else f"a {size} {shape}."
 
 # --- sources: each yields (key, messages, images) per sample, or a reason string for one it skips. Images may be
