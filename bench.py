@@ -35,8 +35,8 @@ from tokenizers import Tokenizer, models
 
 from checkpoint import save_pretrained
 from configurator import configure, die
+from dataset import length_grouped
 from model import ArtemisConfig, ArtemisVLM, TextConfig
-from prepare import length_grouped
 from processor import CLIP_MEAN, CLIP_STD, Processor
 from quantize import quantize_int8
 from vision import VisionConfig

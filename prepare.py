@@ -40,8 +40,11 @@ Layout of out_dir (default data/<dataset>):
                             before it was recorded: those still read, their rows count as length 0)
   tokenizer.json, tokenizer_config.json, chat_template.jinja, preprocessor_config.json   (shapes only)
 Pieces are written under .tmp names and renamed when complete, then listed in done.jsonl, so an interrupted run
-never leaves a half-written piece that counts. Read a split with PreparedDataset(out_dir, 'train'), several prepared
-datasets drawn by weight with Mixture('data/llava:3,data/a2-text:1', 'train').
+never leaves a half-written piece that counts. dataset.py reads them: a split with PreparedDataset(out_dir, 'train'),
+several prepared datasets drawn by weight with Mixture('data/llava:3,data/a2-text:1', 'train').
+
+The options below are the command line's alone: main() checks them and hands each writer function (the sources,
+Piece, work, shapes_processor) the settings it needs as arguments, pool workers theirs through the pool's initializer.
 """
 import colorsys
 import glob
@@ -54,7 +57,9 @@ import random
 import sys
 import tarfile
 from collections import Counter
+from functools import partial
 from multiprocessing import Pool
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -62,190 +67,54 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from configurator import configure, die
+from dataset import PreparedDataset, read_done
 from processor import Processor, load_image
 
 # -----------------------------------------------------------------------------
-dataset = 'shapes'  # shapes | drawings | tars | chat | llava
-src = ''  # tars: a directory or glob of .tar shards; chat/llava: a .json/.jsonl file, directory or glob
-image_root = ''  # chat/llava: where relative image paths start ('' = next to the src file)
-tokenizer = ''  # checkpoint dir whose Processor resizes images and counts tokens (shapes makes its own)
-out_dir = ''  # '' = data/<dataset>
-prompt = 'Describe this image.'  # user text of caption rows (tars, shapes): Merlina's default instruction
-max_seq_len = 4096  # longer rows are dropped, as for ArtemisMix
-val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), or SYNTHETIC's
-min_pixels = None  # Processor.resize limits; None = the checkpoint's
-max_pixels = None
-num_samples = None  # shapes/drawings: how many images; None = SYNTHETIC's (drawings: 64000, fewer repeats of each)
-image_size = None  # shapes/drawings: the largest side the processor keeps, max_pixels = image_size**2; None = 96 for
-#                  shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far more
-#                  slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
-seed = 1337  # shapes/drawings
-captions = 'full'  # shapes/drawings: 'full', or 'shape' ("a small circle.", out_dir data/<dataset>-shape): the same
-#                    images, for the drawings demo's first run (config/drawings_shape.py)
-chunk_size = 1000  # rows per piece (chat, llava, shapes)
-num_workers = os.cpu_count()
-if __name__ == '__main__':  # only the command line configures: train.py imports PreparedDataset from here
+if __name__ == '__main__':  # the command line's options, read by main() alone
+    dataset = 'shapes'  # shapes | drawings | tars | chat | llava
+    src = ''  # tars: a directory or glob of .tar shards; chat/llava: a .json/.jsonl file, directory or glob
+    image_root = ''  # chat/llava: where relative image paths start ('' = next to the src file)
+    tokenizer = ''  # checkpoint dir whose Processor resizes images and counts tokens (shapes makes its own)
+    out_dir = ''  # '' = data/<dataset>
+    prompt = 'Describe this image.'  # user text of caption rows (tars, shapes): Merlina's default instruction
+    max_seq_len = 4096  # longer rows are dropped, as for ArtemisMix
+    val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), or SYNTHETIC's
+    min_pixels = None  # Processor.resize limits; None = the checkpoint's
+    max_pixels = None
+    num_samples = None  # shapes/drawings: how many images; None = SYNTHETIC's (drawings: 64000, fewer repeats of each)
+    image_size = None  # shapes/drawings: the largest side the processor keeps, max_pixels = image_size**2; None = 96
+    #                  for shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far
+    #                  more slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
+    seed = 1337  # shapes/drawings
+    captions = 'full'  # shapes/drawings: 'full', or 'shape' ("a small circle.", out_dir data/<dataset>-shape): the
+    #                    same images, for the drawings demo's first run (config/drawings_shape.py)
+    chunk_size = 1000  # rows per piece (chat, llava, shapes)
+    num_workers = os.cpu_count()
     configure(globals())
-config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, type(None)))}
+    options = {k: v for k, v in globals().items() if not k.startswith('_')
+               and isinstance(v, (int, float, str, type(None)))}  # in the order above, as meta.json records them
 # -----------------------------------------------------------------------------
 
 
-class PreparedDataset:
-    """One split of a prepared dataset: ds[i] -> {"messages": [...], "images": [PIL.Image]}, a row for
-    Processor.collate. Rows are numbered in piece-name order, the same on every run and every machine."""
-
-    def __init__(self, dir, split):
-        with open(os.path.join(dir, 'meta.json')) as f:
-            self.meta = json.load(f)
-        p = self.meta['processor']  # '.' (shapes: the dataset carries its own), a checkpoint dir or a hub id
-        self.processor_dir = dir if p == '.' else p
-        names = sorted(n for n, c in read_done(dir).items() if c.get(split))
-        self.bins = [os.path.join(dir, split, n + '.bin') for n in names]
-        self.offsets = [np.load(os.path.join(dir, split, n + '.idx.npy')) for n in names]
-        self.starts = np.cumsum([0] + [len(o) - 1 for o in self.offsets])
-        self.lengths = np.concatenate([np.zeros(0, np.int32)] + [read_lengths(os.path.join(dir, split, n + '.len.npy'),
-                                                                              len(o) - 1)
-                                                                 for n, o in zip(names, self.offsets)])
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def __getitem__(self, i):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"row {i} of {len(self)}")
-        i %= len(self)
-        p = int(np.searchsorted(self.starts, i, 'right')) - 1
-        j = i - self.starts[p]
-        a, b = int(self.offsets[p][j]), int(self.offsets[p][j + 1])
-        with open(self.bins[p], 'rb') as f:  # a fresh handle per read: safe in forked DataLoader workers
-            f.seek(a)
-            head, _, body = f.read(b - a).partition(b'\n')
-        row = json.loads(head)
-        ends = np.cumsum([0] + row['sizes'])
-        images = [load_image(io.BytesIO(body[s:e])) for s, e in zip(ends, ends[1:])]
-        return {'messages': row['messages'], 'images': images}
-
-
-def read_lengths(path, n):
-    # datasets prepared before lengths were recorded still read: their rows count as length 0 (not grouped)
-    return np.load(path) if os.path.exists(path) else np.zeros(n, np.int32)
-
-
-def parse_mixture(spec):
-    """'data/llava:3,data/a2-text:1' -> [('data/llava', 3.0), ('data/a2-text', 1.0)]; a path alone weighs 1."""
-    out = []
-    for part in spec.split(','):
-        path, sep, w = part.strip().rpartition(':')
-        path, w = (path, w) if sep else (w, '1')
-        try:
-            w = float(w)
-        except ValueError:
-            raise ValueError(f"{part!r}: expected PATH or PATH:WEIGHT, and {w!r} is not a number") from None
-        if not 0 < w < float('inf'):
-            raise ValueError(f"{part!r}: the weight must be a positive number")
-        if not os.path.exists(os.path.join(path, 'meta.json')):
-            raise ValueError(f"{path!r} is not a prepared dataset (no meta.json): run prepare.py first")
-        if any(os.path.samefile(path, p) for p, _ in out):
-            raise ValueError(f"{path!r} is listed twice: give it one weight")
-        out.append((path, w))
-    return out
-
-
-class Mixture:
-    """Prepared datasets drawn by weight, from a spec like 'data/llava:3,data/a2-text:1'; one path is a mixture of
-    one. Rows are numbered source after source (ds[i] as PreparedDataset's); schedule() says which rows each
-    training step takes."""
-
-    def __init__(self, spec, split):
-        self.paths, weights = zip(*parse_mixture(spec))
-        self.weights = np.array(weights) / sum(weights)
-        self.sources = [PreparedDataset(p, split) for p in self.paths]
-        base = [os.path.basename(os.path.normpath(p)) for p in self.paths]
-        self.names = base if len(set(base)) == len(base) else list(self.paths)  # for the logs
-        self.processor_dir = self.sources[0].processor_dir
-        self.starts = np.cumsum([0] + [len(s) for s in self.sources])
-        self.lengths = np.concatenate([s.lengths for s in self.sources])
-        self.perms = {}  # source -> (epoch, its permutation)
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def __getitem__(self, i):
-        k = int(np.searchsorted(self.starts, i, 'right')) - 1
-        return self.sources[k][i - int(self.starts[k])]
-
-    def schedule(self, step, batch_size, n_micro, window, seed):
-        """Each training step's n_micro micro-batches of batch_size row numbers, from `step` on, forever: a fixed
-        function of seed and step, so a resumed run and any world size see the same rows. Steps come in windows of
-        `window` (0: groups of 1, unsorted). Window w draws the source of each of its rows by weight, takes each
-        source's next rows in that source's epoch order (reshuffled by seed and epoch: a source that runs out starts
-        its next epoch), then sorts the rows by token length, cuts micro-batches from neighbours and shuffles those:
-        a micro-batch pads little, and a step still sees all lengths."""
-        W, n = max(window, 1), max(window, 1) * batch_size * n_micro  # steps and rows per window
-        w = step // W
-        used = sum((self.draw(seed, v, n)[1] for v in range(w)), np.zeros(len(self.sources), np.int64))
-        while True:
-            src, counts = self.draw(seed, w, n)
-            rows = np.empty(n, np.int64)
-            for k in range(len(self.sources)):
-                rows[src == k] = self.starts[k] + self.take(seed, k, used[k], counts[k])
-            used += counts
-            batches = length_grouped(rows, self.lengths[rows], batch_size, np.random.default_rng([seed, 2, w])) \
-                if window else rows.reshape(-1, batch_size)
-            for s in range(max(step - w * W, 0), W):
-                yield batches[s * n_micro:(s + 1) * n_micro].tolist()
-            w += 1
-
-    def draw(self, seed, w, n):
-        """The source of each of window w's n rows, and how many each gives."""
-        K = len(self.sources)
-        src = np.random.default_rng([seed, 0, w]).choice(K, n, p=self.weights) if K > 1 else np.zeros(n, np.int64)
-        return src, np.bincount(src, minlength=K)
-
-    def take(self, seed, k, start, count):
-        """Row numbers (within source k) of its rows start .. start+count-1 in epoch order, across epochs."""
-        N, c = len(self.sources[k]), np.arange(start, start + count)
-        out = np.empty(count, np.int64)
-        for e in np.unique(c // N):
-            if self.perms.get(k, (None,))[0] != e:
-                self.perms[k] = e, np.random.default_rng([seed, 1, k, e]).permutation(N)
-            at = c // N == e
-            out[at] = self.perms[k][1][c[at] % N]
-        return out
-
-
-def length_grouped(rows, lengths, batch_size, rng):
-    """rows (n,) with their token counts -> (n / batch_size, batch_size) micro-batches of rows of similar length
-    (sorted, then cut), in an order shuffled by rng, so the steps still mix short and long."""
-    batches = rows[np.argsort(lengths, kind='stable')].reshape(-1, batch_size)
-    return batches[rng.permutation(len(batches))]
-
-
-def read_done(dir):
-    path = os.path.join(dir, 'done.jsonl')
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {d['name']: d['counts'] for d in map(json.loads, f)}
-
-
-def is_val(key):
+def is_val(key, val_frac):
     # sha1, not hash(): Python salts str hashes per process
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], 'big') < val_frac * 2 ** 64
 
 
-def caption_row(caption):
+def caption_row(caption, prompt):
     return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]},
             {'role': 'assistant', 'content': caption}]
 
 
 def shape_caption(size, color, shape, bg, words='full'):  # the grammar of shapes and drawings, and of their tokenizer
-    # 'shape' leaves out color and background: learned from the start, they slow the learning of shape (see
-    # config/drawings_shape.py)
+    # 'shape' leaves out color and background: learned from the start, they slow the learning of shape (the runs that
+    # showed it: docs/experiments.md)
     return f"a {size} {color} {shape} on a {bg} background." if words == 'full' else f"a {size} {shape}."
 
 # --- sources: each yields (key, messages, images) per sample, or a reason string for one it skips. Images may be
-# PIL images, encoded bytes or file paths: decoding happens in work(), where a bad one is counted.
+# PIL images, encoded bytes or file paths: decoding happens in work(), where a bad one is counted. The first argument
+# is one work unit's payload; source() binds the rest from the options.
 
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 COLORS = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (30, 70, 220), 'yellow': (240, 200, 20),
@@ -254,7 +123,7 @@ BACKGROUNDS = {'white': (255, 255, 255), 'black': (0, 0, 0), 'gray': (128, 128, 
 SIZES = {'small': 0.5, 'large': 0.9}  # extent / image side; smaller shapes were much harder for a tiny ViT to tell apart
 
 
-def shapes(indices):
+def shapes(indices, seed, image_size, prompt, captions):
     n = image_size
     for i in indices:
         r = random.Random(f"{seed}-{i}")
@@ -274,9 +143,7 @@ def shapes(indices):
         else:
             draw.rectangle((x - h / 3, y - h, x + h / 3, y + h), fill=fill)
             draw.rectangle((x - h, y - h / 3, x + h, y + h / 3), fill=fill)
-        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions)), [im]
-
-
+        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions), prompt), [im]
 # drawings: each color word is a hue range in degrees and a lowest HSV value, the shades a paint program's palette
 # gives it; each background a range of gray levels; each size word a range of extents (of the canvas's short side)
 # with a clear gap between them
@@ -295,7 +162,7 @@ def cross(a):  # arms of half-width a
     return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
 
 
-def drawings(indices):
+def drawings(indices, seed, prompt, captions):
     """One filled shape per canvas, varied as people's drawings are: canvases of 80-800 px, square or up to 2:1 either
     way; a continuous size within each size word; a shade of the color word; a little squashed and turned; anywhere
     on the canvas; hard-edged or anti-aliased (drawn 2x or 4x and reduced); 40% saved as JPEG. Resized to at most 48x48
@@ -328,10 +195,10 @@ def drawings(indices):
         im = im.resize((w, h), Image.BOX) if k > 1 else im
         if r.random() < 0.4:
             im = load_image(io.BytesIO(encode(im, dict(format='JPEG', quality=r.randint(30, 95)))))
-        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions)), [im]
+        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions), prompt), [im]
 
 
-def tar_samples(path):
+def tar_samples(path, prompt):
     stem = os.path.splitext(os.path.basename(path))[0]
 
     def sample(key, files):
@@ -346,7 +213,7 @@ def tar_samples(path):
             return 'no image'
         if not isinstance(caption, str) or not caption.strip():
             return 'no caption'
-        return f"{stem}/{key}", caption_row(caption.strip()), [image]
+        return f"{stem}/{key}", caption_row(caption.strip(), prompt), [image]
 
     key, files = None, {}
     with tarfile.open(path, 'r|*') as tf:  # streamed: a sample's files are adjacent in a webdataset shard
@@ -380,12 +247,12 @@ def llava_messages(row):
     return out
 
 
-def json_rows(payload):
+def json_rows(payload, llava):  # llava: rows of "conversations", else of "messages"
     stem, start, rows, root = payload
     for i, row in enumerate(rows, start):
         try:
             row = json.loads(row) if isinstance(row, str) else row  # a .jsonl line, parsed here to spread the work
-            messages = llava_messages(row) if dataset == 'llava' else row['messages']
+            messages = llava_messages(row) if llava else row['messages']
             messages = json.loads(messages) if isinstance(messages, str) else messages
             paths = row.get('images', row.get('image'))
             paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
@@ -397,17 +264,31 @@ def json_rows(payload):
         yield str(row.get('id', f"{stem}:{i}")), messages, [os.path.join(root, p) for p in paths]
 
 
-SOURCES = {'shapes': shapes, 'drawings': drawings, 'tars': tar_samples, 'chat': json_rows, 'llava': json_rows}
+
+
+DATASETS = ('shapes', 'drawings', 'tars', 'chat', 'llava')
 # generated here, with their own tokenizer: their defaults for how many images, the largest side the processor keeps
 # (max_pixels = image_size**2), its patch size and the held-out fraction (400-640 images)
 SYNTHETIC = {'shapes': dict(num_samples=8000, image_size=96, patch_size=16, val_frac=0.05),
              'drawings': dict(num_samples=64000, image_size=48, patch_size=4, val_frac=0.01)}
 
 
+def source(o):
+    """The source of dataset o.dataset as a function of a work unit's payload alone, the options it reads bound
+    (a partial of a module function: it travels to the pool's workers, whatever their start method)."""
+    if o.dataset == 'shapes':
+        return partial(shapes, seed=o.seed, image_size=o.image_size, prompt=o.prompt, captions=o.captions)
+    if o.dataset == 'drawings':
+        return partial(drawings, seed=o.seed, prompt=o.prompt, captions=o.captions)
+    if o.dataset == 'tars':
+        return partial(tar_samples, prompt=o.prompt)
+    return partial(json_rows, llava=o.dataset == 'llava')
+
+
 class Piece:
     """One split's output of one work unit, appended row by row to a .tmp file and renamed when complete."""
 
-    def __init__(self, split, name):
+    def __init__(self, out_dir, split, name):
         self.path, self.f, self.offsets, self.lengths = os.path.join(out_dir, split, name), None, [0], []
 
     def add(self, blob, n_tokens):
@@ -437,19 +318,13 @@ def encode(image, fmt):
     return b.getvalue()
 
 
-def init(cfg, processor_dir):
-    global proc
-    globals().update(cfg)  # the parent's resolved options, whatever the start method of the pool
-    torch.set_num_threads(1)  # one process per core already
-    proc = Processor.from_pretrained(processor_dir, min_pixels, max_pixels)
-
-
-def work(unit):
-    name, payload = unit
-    counts, pieces = Counter(), {s: Piece(s, name) for s in ('train', 'val')}
-    fmt = dict(format='PNG') if dataset in SYNTHETIC else dict(format='JPEG', quality=95)
+def work(name, payload, source, proc, out_dir, val_frac, max_seq_len, fmt):
+    """Work unit NAME: the samples source(payload) yields, resized by proc, measured, split and written as piece NAME
+    of each split under out_dir, images saved as fmt. -> (name, counts, None), or (name, None, why) when the source
+    itself is unreadable (its pieces are then removed, for a re-run to retry)."""
+    counts, pieces = Counter(), {s: Piece(out_dir, s, name) for s in ('train', 'val')}
     try:
-        for s in SOURCES[dataset](payload):
+        for s in source(payload):
             if isinstance(s, str):
                 counts[s] += 1
                 continue
@@ -469,7 +344,7 @@ def work(unit):
                 continue
             blobs = [encode(im, fmt) for im in images]
             head = json.dumps({'key': key, 'messages': messages, 'sizes': [len(b) for b in blobs]})
-            split = 'val' if is_val(key) else 'train'
+            split = 'val' if is_val(key, val_frac) else 'train'
             pieces[split].add(head.encode() + b'\n' + b''.join(blobs), n)
             counts[split] += 1
             counts[f'{split} turns'] += sum(m['role'] == 'assistant' for m in messages)
@@ -482,6 +357,19 @@ def work(unit):
     return name, dict(counts), None
 
 
+job = {}  # in a pool worker: work()'s arguments but the unit's own, set once by init()
+
+
+def init(processor_dir, min_pixels, max_pixels, settings):
+    """Pool initializer: the worker's Processor and work()'s other settings (source, out_dir, val_frac, ...)."""
+    torch.set_num_threads(1)  # one process per core already
+    job.update(settings, proc=Processor.from_pretrained(processor_dir, min_pixels, max_pixels))
+
+
+def pool_work(unit):
+    return work(*unit, **job)
+
+
 SPECIAL = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<think>', '</think>', '<|vision_start|>', '<|vision_end|>',
            '<|image_pad|>', '<|video_pad|>']
 CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
@@ -492,10 +380,10 @@ CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
           "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
-def shapes_processor():
-    """Byte-level BPE trained on every caption, the prompts and the template's words (any other text still encodes,
-    byte by byte), the special tokens the graft reads, and a plain ChatML template: no <think> block to get wrong
-    between training and sampling."""
+def shapes_processor(dataset, prompt, image_size, min_pixels=None, max_pixels=None):
+    """The generated datasets' Processor: a byte-level BPE trained on every caption, the prompts and the template's
+    words (any other text still encodes, byte by byte), the special tokens the graft reads, and a plain ChatML
+    template: no <think> block to get wrong between training and sampling. Its patch size is SYNTHETIC[dataset]'s."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -509,104 +397,136 @@ def shapes_processor():
                      min_pixels=min_pixels or (patch * 2) ** 2, max_pixels=max_pixels or image_size ** 2)
 
 
-if __name__ == '__main__':
-    if dataset not in SOURCES:
-        die(f"--dataset must be one of {', '.join(SOURCES)}, got {dataset!r}")
-    if dataset not in SYNTHETIC and not src:
-        what = 'directory or glob of .tar shards' if dataset == 'tars' else '.json/.jsonl file'
-        die(f"--dataset={dataset} needs --src=<{what}>")
-    if dataset not in SYNTHETIC and not tokenizer:
-        die(f"--dataset={dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
-    # other sources record shapes' (unused) sizes, as before drawings existed, so their meta.json still matches
-    defaults = SYNTHETIC.get(dataset, dict(SYNTHETIC['shapes'], val_frac=0.005))
-    val_frac = defaults['val_frac'] if val_frac is None else val_frac
-    num_samples = num_samples or defaults['num_samples']
-    image_size = image_size or defaults['image_size']
-    if not isinstance(val_frac, (int, float)) or not 0 <= val_frac < 1:
-        die(f"--val_frac must be a number in [0, 1), got {val_frac!r}")
-    if captions not in ('full', 'shape'):
-        die(f"--captions must be 'full' or 'shape', got {captions!r}")
-    if captions != 'full' and dataset not in SYNTHETIC:
-        die(f"--captions={captions} is for the generated datasets ({', '.join(SYNTHETIC)}), not --dataset={dataset}")
-    out_dir = out_dir or os.path.join('data', dataset + ('-shape' if captions == 'shape' else ''))
-    cfg = {k: globals()[k] for k in config}
-    settings = {k: v for k, v in cfg.items() if k not in ('out_dir', 'num_workers')}
-    if captions == 'full':  # so that a meta.json written before the option existed still matches
-        del settings['captions']
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):  # resuming: only the same options may add to what is there
-        try:
-            with open(meta_path) as f:
-                old = json.load(f)['config']
-        except (ValueError, KeyError, TypeError) as e:
-            die(f"{meta_path}: not a meta.json prepare.py wrote ({type(e).__name__}: {e}); delete {out_dir} or "
-                 "give another --out_dir")
-        diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
-        if diff:
-            die(f"{out_dir} was prepared with other options "
-                 f"({', '.join(f'{k}: {old.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
-                 "give another --out_dir or delete it")
+# --- the command line: main() and its steps, each option checked before any work starts
 
-    if dataset in SYNTHETIC:
-        processor = '.'
-        units = [(f"{dataset}-{a // chunk_size:05d}", range(a, min(a + chunk_size, num_samples)))
-                 for a in range(0, num_samples, chunk_size)]
-    else:
-        processor = os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer  # a dir, or a hub id
+def resolve(options):
+    """The options checked (a bad one is a one-line error) with their defaults filled in, as a namespace."""
+    o = SimpleNamespace(**options)
+    if o.dataset not in DATASETS:
+        die(f"--dataset must be one of {', '.join(DATASETS)}, got {o.dataset!r}")
+    if o.dataset not in SYNTHETIC and not o.src:
+        what = 'directory or glob of .tar shards' if o.dataset == 'tars' else '.json/.jsonl file'
+        die(f"--dataset={o.dataset} needs --src=<{what}>")
+    if o.dataset not in SYNTHETIC and not o.tokenizer:
+        die(f"--dataset={o.dataset} needs --tokenizer=<checkpoint dir>: its Processor resizes images, counts tokens")
+    # other sources record shapes' (unused) sizes, as before drawings existed, so their meta.json still matches
+    defaults = SYNTHETIC.get(o.dataset, dict(SYNTHETIC['shapes'], val_frac=0.005))
+    o.val_frac = defaults['val_frac'] if o.val_frac is None else o.val_frac
+    o.num_samples = o.num_samples or defaults['num_samples']
+    o.image_size = o.image_size or defaults['image_size']
+    if not isinstance(o.val_frac, (int, float)) or not 0 <= o.val_frac < 1:
+        die(f"--val_frac must be a number in [0, 1), got {o.val_frac!r}")
+    if o.captions not in ('full', 'shape'):
+        die(f"--captions must be 'full' or 'shape', got {o.captions!r}")
+    if o.captions != 'full' and o.dataset not in SYNTHETIC:
+        die(f"--captions={o.captions} is for the generated datasets ({', '.join(SYNTHETIC)}), "
+            f"not --dataset={o.dataset}")
+    o.out_dir = o.out_dir or os.path.join('data', o.dataset + ('-shape' if o.captions == 'shape' else ''))
+    return o
+
+
+def check_resume(meta_path, out_dir, settings):
+    """Resuming into out_dir: only the options its meta.json records may add to what is there."""
+    try:
+        with open(meta_path) as f:
+            old = json.load(f)['config']
+    except (ValueError, KeyError, TypeError) as e:
+        die(f"{meta_path}: not a meta.json prepare.py wrote ({type(e).__name__}: {e}); delete {out_dir} or "
+             "give another --out_dir")
+    diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+    if diff:
+        die(f"{out_dir} was prepared with other options "
+             f"({', '.join(f'{k}: {old.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
+             "give another --out_dir or delete it")
+
+
+def work_units(o):
+    """(processor, units): what meta.json records as the processor ('.': the generated datasets make their own), and
+    the work as (piece name, payload): chunk_size sample numbers or rows, or one tar shard's path."""
+    if o.dataset in SYNTHETIC:
+        return '.', [(f"{o.dataset}-{a // o.chunk_size:05d}", range(a, min(a + o.chunk_size, o.num_samples)))
+                     for a in range(0, o.num_samples, o.chunk_size)]
+    processor = os.path.abspath(o.tokenizer) if os.path.isdir(o.tokenizer) else o.tokenizer  # a dir, or a hub id
+    try:
+        Processor.from_pretrained(processor, o.min_pixels, o.max_pixels)
+    except Exception as e:
+        die(f"--tokenizer={o.tokenizer}: {e}")
+    exts = ('.tar',) if o.dataset == 'tars' else ('.json', '.jsonl')
+    files = sorted(glob.glob(os.path.join(o.src, '*') if os.path.isdir(o.src) else o.src))
+    files = [f for f in files if f.endswith(exts)]
+    if not files:
+        die(f"--src={o.src} matches no {'/'.join(exts)} files")
+    units = []
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        if o.dataset == 'tars':
+            units.append((stem, f))
+            continue
         try:
-            Processor.from_pretrained(processor, min_pixels, max_pixels)
-        except Exception as e:
-            die(f"--tokenizer={tokenizer}: {e}")
-        exts = ('.tar',) if dataset == 'tars' else ('.json', '.jsonl')
-        files = sorted(glob.glob(os.path.join(src, '*') if os.path.isdir(src) else src))
-        files = [f for f in files if f.endswith(exts)]
-        if not files:
-            die(f"--src={src} matches no {'/'.join(exts)} files")
-        units = []
-        for f in files:
-            stem = os.path.splitext(os.path.basename(f))[0]
-            if dataset == 'tars':
-                units.append((stem, f))
+            with open(f) as fh:
+                rows = [line for line in fh if line.strip()] if f.endswith('.jsonl') else json.load(fh)
+            assert isinstance(rows, list), "not a JSON list of rows"
+        except (OSError, ValueError, AssertionError) as e:
+            die(f"--src: cannot read {f}: {e}")
+        root = o.image_root or os.path.dirname(os.path.abspath(f))
+        units += [(f"{stem}-{a // o.chunk_size:05d}", (stem, a, rows[a:a + o.chunk_size], root))
+                  for a in range(0, len(rows), o.chunk_size)]
+    if len({name for name, _ in units}) < len(units):
+        die("--src: two source files share a name, and pieces are named after their source")
+    return processor, units
+
+
+def run_pool(o, todo, processor_dir):
+    """The units of todo written by a pool of workers, each finished piece listed in done.jsonl as it comes.
+    -> how many were left undone, their source unreadable."""
+    settings = dict(source=source(o), out_dir=o.out_dir, val_frac=o.val_frac, max_seq_len=o.max_seq_len,
+                    fmt=dict(format='PNG') if o.dataset in SYNTHETIC else dict(format='JPEG', quality=95))
+    failed = 0
+    with Pool(min(o.num_workers, len(todo)), init, (processor_dir, o.min_pixels, o.max_pixels, settings)) as pool, \
+            open(os.path.join(o.out_dir, 'done.jsonl'), 'a') as log:
+        for name, counts, err in tqdm(pool.imap_unordered(pool_work, todo), total=len(todo), desc=o.dataset,
+                                      unit='piece'):
+            if err:
+                failed += 1
+                tqdm.write(f"warning: {name} left undone: {err}", file=sys.stderr)
                 continue
-            try:
-                with open(f) as fh:
-                    rows = [line for line in fh if line.strip()] if f.endswith('.jsonl') else json.load(fh)
-                assert isinstance(rows, list), "not a JSON list of rows"
-            except (OSError, ValueError, AssertionError) as e:
-                die(f"--src: cannot read {f}: {e}")
-            root = image_root or os.path.dirname(os.path.abspath(f))
-            units += [(f"{stem}-{a // chunk_size:05d}", (stem, a, rows[a:a + chunk_size], root))
-                      for a in range(0, len(rows), chunk_size)]
-        if len({name for name, _ in units}) < len(units):
-            die("--src: two source files share a name, and pieces are named after their source")
+            log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
+            log.flush()
+    return failed
+
+
+def main(options):
+    """`python prepare.py`: the options block's values (after the command line) -> out_dir prepared or added to,
+    and one summary line on stdout."""
+    o = resolve(options)
+    settings = {k: v for k, v in vars(o).items() if k not in ('out_dir', 'num_workers')}
+    if o.captions == 'full':  # so that a meta.json written before the option existed still matches
+        del settings['captions']
+    meta_path = os.path.join(o.out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        check_resume(meta_path, o.out_dir, settings)
+    processor, units = work_units(o)
 
     for split in ('train', 'val'):
-        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        os.makedirs(os.path.join(o.out_dir, split), exist_ok=True)
     if not os.path.exists(meta_path):
         with open(meta_path, 'w') as f:
             json.dump({'config': settings, 'processor': processor}, f, indent=1)
-    if processor == '.' and not os.path.exists(os.path.join(out_dir, 'tokenizer.json')):
-        shapes_processor().save_pretrained(out_dir)
-    done = read_done(out_dir)
+    if processor == '.' and not os.path.exists(os.path.join(o.out_dir, 'tokenizer.json')):
+        shapes_processor(o.dataset, o.prompt, o.image_size, o.min_pixels, o.max_pixels).save_pretrained(o.out_dir)
+    done = read_done(o.out_dir)
     todo = [u for u in units if u[0] not in done]
-    failed = 0
-    if todo:
-        proc_dir = out_dir if processor == '.' else processor
-        with Pool(min(num_workers, len(todo)), init, (cfg, proc_dir)) as pool, \
-                open(os.path.join(out_dir, 'done.jsonl'), 'a') as log:
-            for name, counts, err in tqdm(pool.imap_unordered(work, todo), total=len(todo), desc=dataset, unit='piece'):
-                if err:
-                    failed += 1
-                    tqdm.write(f"warning: {name} left undone: {err}", file=sys.stderr)
-                    continue
-                log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
-                log.flush()
-    total = sum(map(Counter, read_done(out_dir).values()), Counter())
-    if dataset in SYNTHETIC and total['val']:  # a held-out image for README's `python sample.py` command
-        PreparedDataset(out_dir, 'val')[0]['images'][0].save(os.path.join(out_dir, 'example.png'))
+    failed = run_pool(o, todo, o.out_dir if processor == '.' else processor) if todo else 0
+    total = sum(map(Counter, read_done(o.out_dir).values()), Counter())
+    if o.dataset in SYNTHETIC and total['val']:  # a held-out image for README's `python sample.py` command
+        PreparedDataset(o.out_dir, 'val')[0]['images'][0].save(os.path.join(o.out_dir, 'example.png'))
     kept = ('train', 'val', 'train turns', 'val turns')
     skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in kept)
-    print(f"{out_dir}: {total['train']} train + {total['val']} val rows "
+    print(f"{o.out_dir}: {total['train']} train + {total['val']} val rows "
           f"({total['train turns']} + {total['val turns']} assistant turns); skipped: {skipped or 'none'}"
           + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units) else '')
           + (f"; {failed} unreadable sources left undone (re-run to retry)" if failed else ''))
+
+
+if __name__ == '__main__':
+    main(options)

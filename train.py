@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import from_parts, from_pretrained, load_train_state, resolve, save_train_state
 from configurator import configure, die
+from dataset import Mixture
 from model import ArtemisConfig, ArtemisVLM, TextConfig
-from prepare import Mixture
 from processor import Processor, has_think
 from vision import VisionConfig
 

@@ -1,10 +1,10 @@
 # The drawings demo, first of its two runs: the tiny graft learns shape and size from scratch on prepare.py's drawings
 # captioned without their color and background ("a small circle."); config/drawings.py then goes on from its checkpoint
-# to the full captions. Learned from the start, color and background slow the learning of shape: in runs outside
-# train.py at lr 2e-3, 4000 iters this way and then 4000 with every word got 96.5% held-out, where 8000 with every
-# word got 85%.
+# to the full captions.
 #   python prepare.py --dataset=drawings --captions=shape && python train.py config/drawings_shape.py
-# 133-141 s on a quiet 2-core machine (three runs), held-out loss 0.0271 at iter 2400.
+# Expect 133-141 s on a quiet 2-core machine (three runs), held-out loss 0.0271 at iter 2400.
+# Why two runs: learned from the start, color and background slow the learning of shape. The runs that showed it, and
+# what else was tried: docs/experiments.md.
 out_dir = "out-drawings-shape"
 init_from = "scratch"
 dataset = "data/drawings-shape"

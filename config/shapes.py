@@ -1,10 +1,10 @@
 # The CPU demo: a tiny graft, vision tower included, learns to caption synthetic shapes from scratch.
 #   python prepare.py --dataset=shapes && python train.py config/shapes.py && python sample.py --image=data/shapes/example.png --prompt="Describe this image." --temperature=0
-# Measured on a quiet 2-core machine, three runs: 116-120 s for all of train.py (3000 iters at 35-39 ms), held-out
-# loss 0.0068 at iter 3000 in each (the run is deterministic) and 98.7% of held-out images captioned exactly right
+# Expect, on a quiet 2-core machine: 116-120 s for all of train.py (three runs; 3000 iters at 35-39 ms), held-out
+# loss 0.0068 at iter 3000 (the run is deterministic) and 98.7% of held-out images captioned exactly right
 # (python tests/shapes_accuracy.py: 382/387). It memorises its own renders: drawings made by another routine
 # (python tests/shapes_drawn.py) get 19.2%: config/drawings_shape.py, then config/drawings.py, is the demo that
-# captions those.
+# captions those. What was tried on the way, and at which settings: docs/experiments.md.
 out_dir = "out-shapes"
 init_from = "scratch"
 dataset = "data/shapes"

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import from_pretrained  # noqa: E402
-from prepare import PreparedDataset  # noqa: E402
+from dataset import PreparedDataset  # noqa: E402
 from processor import Processor  # noqa: E402
 
 ckpt = sys.argv[1] if len(sys.argv) > 1 else "out-shapes/ckpt"

@@ -1,4 +1,4 @@
-"""Stage-2 data: a weighted mixture of an image dataset and a text-only chat corpus (prepare.Mixture) -- its draws
+"""Stage-2 data: a weighted mixture of an image dataset and a text-only chat corpus (dataset.Mixture) -- its draws
 match the weights, its schedule resumes exactly and groups by length, and train.py trains on it (per-source eval,
 eval captions, resume, DDP and FSDP with 2 gloo processes)."""
 import json
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from prepare import Mixture, PreparedDataset
+from dataset import Mixture, PreparedDataset
 from processor import Processor
 from test_train import ROOT, TINY, losses, train
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from prepare import PreparedDataset  # noqa: E402  (importing must not read pytest's command line as options)
+from dataset import PreparedDataset  # noqa: E402
 from processor import Processor, smart_resize  # noqa: E402
 
 
@@ -306,3 +306,14 @@ def test_damaged_meta_is_one_line(tmp_path):
     lines = [line for line in err.splitlines() if not line.startswith("overriding:")]  # configurator's echo
     assert rc == 2 and out == "" and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith(f"error: {os.path.join('out', 'meta.json')}: not a meta.json prepare.py wrote"), err
+
+
+def test_importing_reads_no_options(tmp_path):
+    # only `python prepare.py` reads options: an importer's command line is its own, no option is a global, and a
+    # writer runs on the arguments it is given
+    code = ("import sys; sys.argv[1:] = ['--dataset=nope']; import prepare; "
+            "assert not hasattr(prepare, 'dataset') and not hasattr(prepare, 'options'); "
+            "key, row, [im] = next(prepare.shapes([0], seed=1, image_size=32, prompt='Hi.', captions='shape')); "
+            "assert key == 'shapes-1-0' and row[0]['content'][1]['text'] == 'Hi.' and im.size == (32, 32); print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "ok" and "overriding" not in p.stderr, p.stderr
