@@ -232,9 +232,9 @@ def train(b):
     ids, pixels, grid, labels, mask = b.inputs(B)  # labels on the answer only
     T = ids.shape[1]
 
-    def step(m):
-        out = m(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=labels, attention_mask=mask)
-        (out[1] if m is model else out.loss).backward()
+    def step(m):  # no output held through backward: the reference's has fp32 logits at every position
+        kw = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=labels, attention_mask=mask)
+        (m(**kw)[1] if m is model else m(**kw).loss).backward()
         m.zero_grad(set_to_none=True)
 
     got = {}  # (measure, stage, model): seconds or bytes
