@@ -5,35 +5,29 @@ Speed and memory of this implementation beside the reference stack (transformers
     python bench.py --preset=tiny --only=decode,train
     python bench.py --preset=a3 --n_layer=8          # GPU: A2 (Mistral-Nemo 12B) + Qwen3-VL-2B vision shapes
     python bench.py --only=quantize                  # int8 decoder (quantize.py) against the bench dtype
-    python bench.py --only=padding                   # train.py's length-grouped micro-batches against drawn order
 
-Both stacks get the same random weights (copied in memory) and the same inputs, in this one process. A time is
-the median of `repeat` runs after one warmup run. Decode tokens/s is batch x (n - 1) / (time(n new tokens) -
-time(1 new token)): the prefill is excluded. Training steps are forward + backward on a fixed batch, weights in
-`dtype`. The padding section trains on 8 micro-batches of rows with 100-400-token captions and 64-256 image
-tokens, cut in drawn order and length-grouped as train.py cuts them: padding fraction and real tokens/s. Peak
-memory is the model's parameters plus the most tensor memory the step holds above what was allocated
-before it (CUDA: the caching allocator's peak; CPU: the profiler's memory timeline). The decode bandwidth bound is
-the fastest read of a 1 GiB tensor (4 GiB on CUDA) by a sum: a read-only kernel, as decode only reads its weights.
-The quantize section runs last: it quantizes the model in place.
-Prints the table; writes nothing.
+Both stacks run in this one process, on the same random weights (copied in memory) and inputs. Writes nothing.
 """
 import gc
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
-from functools import partial
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from checkpoint import save_pretrained
+from checkpoint import nbytes, save_pretrained
 from configurator import configure, die
 from dataset import length_grouped
 from model import ArtemisConfig, ArtemisVLM, TextConfig
@@ -55,7 +49,6 @@ repeat = 5
 peak_flops = 989e12 if torch.cuda.is_available() else 0.0  # for MFU (H100 SXM dense bf16); 0: no MFU
 seed = 0
 configure(globals())
-
 # -----------------------------------------------------------------------------
 
 PRESETS = {  # decoder, vision tower, and one training row: image side (px), prompt and answer tokens
@@ -74,434 +67,354 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
                            out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17]),
                image=512, prompt=16, answer=128, batch=2),
 }
-if preset not in PRESETS:
-    die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
-SECTIONS = ("processor", "vision", "prefill", "decode", "train", "padding", "serve", "quantize")
-sections = set(only.split(",")) if only else set(SECTIONS)
-if sections - set(SECTIONS):
-    die(f"--only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
-if device.startswith("cuda") and not torch.cuda.is_available():
-    die(f"--device={device}: CUDA is not available here")
-cuda = device.startswith("cuda")
-ptdtype = getattr(torch, dtype or ("bfloat16" if cuda else "float32"))
-P = PRESETS[preset]
-batch_size = batch_size or P["batch"]
 IMG = 22  # <|image_pad|>
-if reference:
-    try:
-        from artemis_vlm import ArtemisVLMConfig, ArtemisVLMForConditionalGeneration
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    except ImportError as e:
-        print(f"reference stack not installed ({e}); timing this implementation only")
-        reference = False
+Row = namedtuple("Row", "what ours theirs unit note", defaults=("",))  # theirs: the reference's figure or None
 
 
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
+class Bench(namedtuple("Bench", "model ref ref_processor preset P device cuda dtype batch_size new_tokens repeat "
+                                "compile peak_flops seed")):
+    """A section's whole input: the models (ref, ref_processor: None without the reference), options, measures."""
 
-
-def timed(fn, n=None):
-    """Median seconds of n (default `repeat`) calls after one warmup call."""
-    fn()
-    ts = []
-    for _ in range(n or repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def peak_bytes(fn):
-    """The most tensor memory fn holds above what was allocated when it started: the CUDA allocator's peak on a
-    GPU; on a CPU the same quantity from the profiler's memory timeline (the process's resident size would add
-    what malloc keeps after a free)."""
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA, CPU's only one
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                    record_shapes=True, with_stack=True) as prof:
-            torch.zeros(1)  # the timeline starts at its first event: before fn allocates anything
+    def timed(self, fn, n=None, of=statistics.median):
+        """The median (or `of`) seconds of n (default `repeat`) calls after one warmup call."""
+        sync, ts = torch.cuda.synchronize if self.cuda else lambda: None, []
+        for _ in range(1 + (n or self.repeat)):
+            sync()
+            t0 = time.perf_counter()
             fn()
-        prof.export_memory_timeline(os.path.join(d, "memory.json"), device="cpu")
-        with open(os.path.join(d, "memory.json")) as f:
-            _, sizes = json.load(f)  # bytes per category at each event
-    total = [sum(s) for s in sizes]
-    return max(total) - total[0]
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return of(ts[1:])
+
+    def batch(self, sides, caps):
+        """ids, pixels, grid, labels, mask of right-padded rows [bos, prompt/2, image, prompt/2, caption (labelled)]."""
+        g, v, P = torch.Generator().manual_seed(self.seed), self.model.config.vision, self.P
+        f, half = v.patch_size * v.spatial_merge_size, P["prompt"] // 2
+        starts = [1 + P["prompt"] + h * w // f**2 for h, w in sides]  # where each caption starts
+        ids = torch.zeros(len(sides), max(a + k for a, k in zip(starts, caps)), dtype=torch.long)
+        labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+        for i, (a, k) in enumerate(zip(starts, caps)):
+            ids[i, :a + k] = torch.randint(100, self.model.config.text.vocab_size, (a + k,), generator=g)
+            ids[i, 0], ids[i, 1 + half:a - half] = 1, IMG
+            labels[i, a:a + k], mask[i, :a + k] = ids[i, a:a + k], 1
+        grid = torch.tensor([(1, h // v.patch_size, w // v.patch_size) for h, w in sides])
+        patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = torch.randn(int(grid.prod(-1).sum()), patch, generator=g).to(self.dtype)
+        return [t.to(self.device) for t in (ids, pixels, grid, labels, mask)]
+
+    def inputs(self, n, answer=True):  # n rows of the preset's shape
+        return self.batch([(self.P["image"],) * 2] * n, [self.P["answer"] if answer else 0] * n)
+
+    def peak_bytes(self, fn):
+        """The most tensor memory fn holds above what was allocated when it started: the CUDA allocator's peak, or on
+        a CPU the profiler's memory timeline (the process's resident size would add what malloc keeps after a free)."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA, not CPU
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                        record_shapes=True, with_stack=True) as prof:
+                torch.zeros(1)  # the timeline starts at its first event: before fn allocates anything
+                fn()
+            prof.export_memory_timeline(path := os.path.join(d, "memory.json"), device="cpu")
+            with open(path) as f:
+                total = [sum(s) for s in json.load(f)[1]]  # bytes at each event: the sum of its categories
+        return max(total) - total[0]
+
+    def read_bandwidth(self):
+        """Bytes/s of the fastest of 10 sums over 1 GiB (4 GiB on CUDA): a read-only stream, the bound of batch-1
+        decode, which reads every weight once and writes next to nothing (a copy moves twice the bytes)."""
+        x = torch.ones((4 if self.cuda else 1) * 2**30 // 4, device=self.device)  # fp32, written once: pages exist
+        return x.numel() * x.element_size() / self.timed(x.sum, 10, min)
+
+    def prefill(self, ids, pixels, grid):  # ours, into a cache with room for new_tokens more
+        (B, T), m = ids.shape, self.model
+        key_valid = torch.ones(B, m.setup_caches(B, T + self.new_tokens), dtype=torch.bool, device=ids.device)
+        return key_valid, m.prefill(ids, torch.arange(T, device=ids.device).expand(B, T), key_valid, pixels, grid)
+
+    def decode_rate(self, step, ids, pixels, grid):
+        """Tokens/s of new_tokens greedy calls of `step` (model.decode_one or a compiled one) after an untimed prefill.
+        The warmup run makes the same calls at the same shapes, so a compiled step is compiled (CUDA: captured)."""
+        (B, T), dev = ids.shape, ids.device
+        with torch.inference_mode():
+            key_valid, logits = self.prefill(ids, pixels, grid)
+
+            def steps():  # every run writes the same cache slots
+                tok = logits.argmax(-1)
+                for i in range(self.new_tokens):
+                    pos = torch.full((B, 1), T + i, device=dev)
+                    tok = step(tok[:, None], pos, torch.tensor([T + i], device=dev), key_valid).argmax(-1)
+            rate = B * self.new_tokens / self.timed(steps)
+        self.model.clear_caches()
+        return rate
+
+    def decode_read_bytes(self, T):
+        """What a batch-1 decode step reads after a T-token prompt: every decoder tensor but the embedding table (a
+        lookup of one row), and the KV cache, on average over new_tokens steps."""
+        c, sd, slots = self.model.config.text, self.model.language_model.state_dict(), T + self.new_tokens // 2
+        kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize * slots
+        return nbytes(t for k, t in sd.items() if not k.startswith("model.embed_tokens.")) + kv
 
 
-def param_bytes(m):
-    return sum(p.numel() * p.element_size() for p in m.parameters())
-
-
-def read_bandwidth():
-    """Bytes per second of the fastest of 10 sums over a 1 GiB tensor (4 GiB on CUDA): a read-only stream, the
-    bound for batch-1 decode, which reads every weight once and writes next to nothing. (A copy moves twice the
-    bytes and runs at a different rate, so decode could show above 100% of a copy bound.)"""
-    x = torch.ones((4 if cuda else 1) * 2**30 // 4, device=device)  # fp32, written once so its pages exist
-    x.sum()
-    ts = []
-    for _ in range(10):
-        sync()
-        t0 = time.perf_counter()
-        x.sum()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return x.numel() * x.element_size() / min(ts)
-
-
-def decode_rate(gen, B=1):
-    """Tokens/s of gen(n), a greedy generate of n new tokens for B rows, the prefill excluded."""
-    with torch.inference_mode():
-        t1, tn = timed(lambda: gen(1)), timed(lambda: gen(new_tokens))
-    return B * (new_tokens - 1) / (tn - t1)
-
-
-def kv_read_bytes(T):
-    """KV-cache bytes a batch-1 decode step reads after a T-token prompt, on average over new_tokens steps."""
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * ptdtype.itemsize * (T + new_tokens // 2)
-
-
-# models -------------------------------------------------------------------------------------------------------
-text = dict(P["text"], sliding_window=None, tie_word_embeddings=False)
-if n_layer:
-    text["num_hidden_layers"] = n_layer
-config = ArtemisConfig(TextConfig(**text), VisionConfig(**P["vision"], num_position_embeddings=2304), IMG)
-torch.manual_seed(seed)
-torch.set_default_dtype(ptdtype)  # built in the bench dtype on the device: a 12B never exists in fp32
-with torch.device(device):
-    model = ArtemisVLM(config).eval()
-torch.set_default_dtype(torch.float32)
-ref = None
-if reference and sections - {"processor", "padding", "serve", "quantize"}:
-    torch.set_default_dtype(ptdtype)
-    with torch.device(device):
-        ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval()
-    torch.set_default_dtype(torch.float32)
-    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(".deepstack_merger_list." not in k for k in missing):
-        die(f"weights do not map onto the reference: {(missing + unexpected)[:3]}")
-    ref.generation_config.update(eos_token_id=None, pad_token_id=0)  # random weights: always n new tokens
-
-c = config.text
-n_dec = sum(p.numel() for p in model.language_model.parameters())
-print(f"bench: {device} ({torch.get_num_threads()} threads)" if not cuda else f"bench: {torch.cuda.get_device_name()}",
-      f"torch {torch.__version__}, {str(ptdtype).removeprefix('torch.')}, preset {preset}: decoder "
-      f"{c.num_hidden_layers} x {c.hidden_size} ({n_dec / 1e6:.0f}M, vocab {c.vocab_size}), vision "
-      f"{config.vision.depth} x {config.vision.hidden_size}" + (", reference: transformers + artemis-vlm" if ref else ""))
-
-# inputs: one row = [bos, prompt/2, image pads, prompt/2, answer]; labels only on the answer
-g = torch.Generator().manual_seed(seed)
-side = P["image"] // config.vision.patch_size
-n_img = side * side // config.vision.spatial_merge_size ** 2
-half = P["prompt"] // 2
-
-
-def inputs(n, answer=True):
-    body = lambda k: torch.randint(100, c.vocab_size, (n, k), generator=g)  # noqa: E731
-    parts = [torch.ones(n, 1, dtype=torch.long), body(half), torch.full((n, n_img), IMG), body(half)]
-    ids = torch.cat(parts + ([body(P["answer"])] if answer else []), 1).to(device)
-    pixels = torch.randn(n * side * side, config.vision.in_channels * config.vision.temporal_patch_size
-                         * config.vision.patch_size ** 2, generator=g).to(device, ptdtype)
-    grid = torch.tensor([[1, side, side]] * n, device=device)
-    return ids, pixels, grid
-
-
-results = []  # (what, ours, theirs, unit, higher_is_better, note)
-
-
-def row(what, ours, theirs, unit, higher=True, note=""):
-    results.append((what, ours, theirs, unit, higher, note))
-
-
-# processor ----------------------------------------------------------------------------------------------------
-if "processor" in sections:
+def processor(b):
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
     tok.add_special_tokens(["<|image_pad|>"])
     proc = Processor(tok, special_tokens={"eos_token": "</s>"})
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(b.seed)
     sizes = [(640, 480), (480, 640), (500, 375), (800, 600), (1024, 768), (512, 512), (640, 427), (375, 500)] * 2
     photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
-    ours = len(photos) / timed(lambda: proc.preprocess(photos), 4 * repeat)  # cheap, and noisy on a shared machine
-    theirs = None
-    if reference:
-        hf = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=proc.min_pixels,
-                                      max_pixels=proc.max_pixels, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-        theirs = len(photos) / timed(lambda: hf(images=photos, return_tensors="pt"), 4 * repeat)
-        if not torch.equal(proc.preprocess(photos)[0], hf(images=photos, return_tensors="pt")["pixel_values"]):
-            print("warning: processor outputs differ from the reference")
-    row(f"processor, {len(photos)} photos 375-1024 px", ours, theirs, "img/s")
+    ours = len(photos) / b.timed(lambda: proc.preprocess(photos), 4 * b.repeat)  # cheap, and noisy when shared
+    hf = b.ref_processor and b.ref_processor(
+        patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=proc.min_pixels, max_pixels=proc.max_pixels,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    theirs = hf and len(photos) / b.timed(lambda: hf(images=photos, return_tensors="pt"), 4 * b.repeat)
+    if hf and not torch.equal(proc.preprocess(photos)[0], hf(images=photos, return_tensors="pt")["pixel_values"]):
+        print("warning: processor outputs differ from the reference")
+    return [Row(f"processor, {len(photos)} photos 375-1024 px", ours, theirs, "img/s")]
 
-# vision tower -------------------------------------------------------------------------------------------------
-if "vision" in sections:
-    _, pixels, grid = inputs(batch_size)
+
+def vision(b):
+    _, pixels, grid, _, _ = b.inputs(b.batch_size)
     with torch.inference_mode():
-        ours = batch_size / timed(lambda: model.visual(pixels, grid))
-        theirs = ref and batch_size / timed(lambda: ref.visual(pixels, grid_thw=grid))
-    row(f"vision tower, {batch_size} images {P['image']} px", ours, theirs, "img/s")
+        ours = b.batch_size / b.timed(lambda: b.model.visual(pixels, grid))
+        theirs = b.ref and b.batch_size / b.timed(lambda: b.ref.visual(pixels, grid_thw=grid))
+    return [Row(f"vision tower, {b.batch_size} images {b.P['image']} px", ours, theirs, "img/s")]
 
-# prefill: one image + prompt into the cache, the last position's logits -------------------------------------------
-if "prefill" in sections:
-    ids, pixels, grid = inputs(1, answer=False)
-    T = ids.shape[1]
 
-    def our_prefill():
-        S = model.setup_caches(1, T + new_tokens)
-        key_valid = torch.ones(1, S, dtype=torch.bool, device=device)
-        model.prefill(ids, torch.arange(T, device=device)[None], key_valid, pixels, grid)
-
+def prefill(b):  # batch 1: vision tower, projector and decoder over the prompt, into the cache, the last logits
+    ids, pixels, grid, _, _ = b.inputs(1, answer=False)
     with torch.inference_mode():
-        ours = timed(our_prefill) * 1e3
-        theirs = ref and timed(lambda: ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
-                                           logits_to_keep=1)) * 1e3
-    row(f"prefill, 1 image + {P['prompt']} tokens (T={T})", ours, theirs, "ms", higher=False)
+        t = b.timed(lambda: b.prefill(ids, pixels, grid))
+        t_ref = b.ref and b.timed(lambda: b.ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                                                use_cache=True, logits_to_keep=1))
+    b.model.clear_caches()
+    return [Row(f"prefill, 1 image + {b.P['prompt']} tokens (T={ids.shape[1]})", t * 1e3, t_ref and t_ref * 1e3, "ms")]
 
-# decode: batch 1 and 8, greedy ------------------------------------------------------------------------------------
-if "decode" in sections:
-    ids1, pixels1, grid1 = inputs(1, answer=False)
-    step = model.compile_decode() if compile else None
-    weight_bytes = param_bytes(model.language_model) - param_bytes(model.language_model.model.embed_tokens)
+
+@torch.inference_mode()
+def decode(b):
+    """Greedy decode at batch 1 and 8, eager and compiled; batch 1 against the read-bandwidth bound."""
+    step, n, out, best = b.model.compile_decode() if b.compile else None, b.new_tokens, [], {}
     for B in (1, 8):
-        ids, pixels, grid = ids1.repeat(B, 1), pixels1.repeat(B, 1), grid1.repeat(B, 1)
+        ids, pixels, grid, _, _ = b.inputs(B, answer=False)
+        # the reference's generate(n) is a prefill and n - 1 decode steps: those take its time less a prefill's
+        t = b.ref and b.timed(lambda: b.ref.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                                                     max_new_tokens=n, do_sample=False)) - b.timed(
+            lambda: b.ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True, logits_to_keep=1))
+        theirs = B * (n - 1) / t if b.ref and t > 0 else None  # noise can outrun a short decode: no figure then
+        note = "; reference: generate() timed no slower than its prefill" if b.ref and theirs is None else ""
+        rates = {"eager": b.decode_rate(b.model.decode_one, ids, pixels, grid)}
+        try:
+            if step is not None:
+                rates["compiled"] = b.decode_rate(step, ids, pixels, grid)
+        except Exception as e:  # no C++ compiler, an unsupported op: report it and go on
+            print(f"compiled decode failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+            step = None
+        out += [Row(f"decode, batch {B}, {k} (reference: generate())", r, theirs, "tok/s", note=note)
+                for k, r in rates.items()]
+        best[B] = max(rates.values())
+    bw, per_token, best = b.read_bandwidth(), b.decode_read_bytes(ids.shape[1]), best[1]
+    return out + [f"decode, batch 1: {best * per_token / 1e9:.1f} GB/s of a measured {bw / 1e9:.1f} GB/s read "
+                  f"bandwidth = {100 * best * per_token / bw:.0f}% of the bound ({bw / per_token:.1f} tok/s at "
+                  f"{per_token / 1e9:.2f} GB read per token)"]
 
-        rate = partial(decode_rate, B=B)
-        eager = rate(lambda n: model.generate(ids, n, temperature=0, pixel_values=pixels, image_grid_thw=grid))
-        theirs = ref and rate(lambda n: ref.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
-                                                     max_new_tokens=n, do_sample=False))
-        row(f"decode, batch {B}, eager (reference: generate())", eager, theirs, "tok/s")
-        compiled = None
-        if step is not None:
-            try:
-                compiled = rate(lambda n: model.generate(ids, n, temperature=0, pixel_values=pixels,
-                                                         image_grid_thw=grid, decode_one=step))
-                row(f"decode, batch {B}, compiled (reference: generate())", compiled, theirs, "tok/s")
-            except Exception as e:  # no C++ compiler, an unsupported op: report it and go on
-                print(f"compiled decode failed: {type(e).__name__}: {str(e).splitlines()[0]}")
-                step = None
-        model.clear_caches()
-        if B == 1:  # batch 1 reads every weight once per token: memory bandwidth is the bound
-            bw = read_bandwidth()
-            per_token = weight_bytes + kv_read_bytes(ids.shape[1])
-            best = max(r for r in (eager, compiled) if r)
-            bandwidth_note = (f"decode, batch 1: {best * per_token / 1e9:.1f} GB/s of a measured {bw / 1e9:.1f} GB/s "
-                              f"read bandwidth = {100 * best * per_token / bw:.0f}% of the bound "
-                              f"({bw / per_token:.1f} tok/s at {per_token / 1e9:.2f} GB read per token)")
 
-# training steps: forward + backward -------------------------------------------------------------------------------
-if "train" in sections:
-    ids, pixels, grid = inputs(batch_size)
-    labels = ids.clone()
-    labels[:, :-P["answer"]] = -100  # the prompt and the image: no loss
-    mask = torch.ones_like(ids)
+def train(b):
+    """Forward + backward on one fixed batch, weights in the bench dtype, stage 1 and stage 2: time, then memory."""
+    model, B = b.model, b.batch_size
+    ids, pixels, grid, labels, mask = b.inputs(B)  # labels on the answer only
     T = ids.shape[1]
 
-    def ours_step():
-        _, loss = model(ids, pixels, grid, labels=labels, attention_mask=mask)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    def step(m):  # no output held through backward: the reference's has fp32 logits at every position
+        kw = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=labels, attention_mask=mask)
+        (m(**kw)[1] if m is model else m(**kw).loss).backward()
+        m.zero_grad(set_to_none=True)
 
-    def ref_step():
-        ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, labels=labels).loss.backward()
-        ref.zero_grad(set_to_none=True)
-
-    stacks = [(model, ours_step)] + ([(ref, ref_step)] if ref is not None else [])
-    times, mems = {}, {}
-    for measure, out in ((timed, times), (peak_bytes, mems)):  # every time first: the profiler slows what it watches
+    got = {}  # (measure, stage, model): seconds or bytes
+    for measure in (b.timed, b.peak_bytes):  # every time first: the profiler slows what it watches
         for stage in ("stage1", "stage2"):
-            for m, fn in stacks:
+            for m in filter(None, (model, b.ref)):
                 m.train().set_training_stage(stage)
                 try:
-                    out[stage, m] = measure(fn)
+                    got[measure, stage, m] = measure(lambda: step(m))
                 except torch.OutOfMemoryError:  # a 12B stage 2 beside its reference copy: pass fewer --n_layer
                     print(f"{stage}: out of memory in {'ours' if m is model else 'the reference'}")
                     m.zero_grad(set_to_none=True)
                 m.eval()
+    out = []
     for stage in ("stage1", "stage2"):
-        t, t_ref = times.get((stage, model)), times.get((stage, ref))
+        (t, t_ref), mem = ([got.get((how, stage, m)) for m in (model, b.ref)] for how in (b.timed, b.peak_bytes))
         if t is None:
             continue
-        model.set_training_stage(stage)
-        note = f"; ours {batch_size / t:.2f} samples/s, {batch_size * T / t:,.0f} tok/s" + (
-            f", MFU {100 * model.flops_per_token(T) * batch_size * T / t / peak_flops:.1f}%" if peak_flops else "")
-        row(f"{stage} step, {batch_size} x {T} tokens ({P['answer']} labelled)", t * 1e3, t_ref and t_ref * 1e3, "ms",
-            higher=False, note=note)
-        mem, mem_ref = ((mems[stage, m] + param_bytes(m)) / 2**20 if (stage, m) in mems else None  # with the weights
-                        for m in (model, ref))
-        row(f"{stage} step peak memory", mem, mem_ref, "MiB", higher=False)
+        model.set_training_stage(stage)  # what flops_per_token counts the backward of
+        note = f"; ours {B / t:.2f} samples/s, {B * T / t:,.0f} tok/s" + (
+            f", MFU {100 * model.flops_per_token(T) * B * T / t / b.peak_flops:.1f}%" if b.peak_flops else "")
+        mem = [None if x is None else (x + nbytes(m.parameters())) / 2**20 for x, m in zip(mem, (model, b.ref))]
+        out += [Row(f"{stage} step, {B} x {T} tokens ({b.P['answer']} labelled)", t * 1e3, t_ref and t_ref * 1e3, "ms",
+                    note), Row(f"{stage} step peak memory", *mem, "MiB")]  # memory: the weights and the peak above them
+    return out
 
-# padding: the same rows cut into micro-batches in drawn order, and length-grouped as train.py cuts them ------------
-if "padding" in sections:
-    rng = np.random.default_rng(seed)
-    n_rows, f = 8 * batch_size, config.vision.patch_size * config.vision.spatial_merge_size
-    sides = rng.integers(256 // f, 512 // f + 1, (n_rows, 2)) * f  # 256-512 px a side: 64-256 image tokens at f=32
-    n_imgs, caps = sides.prod(1) // f**2, rng.integers(100, 401, n_rows)  # image tokens, caption tokens
-    lengths = 1 + P["prompt"] + n_imgs + caps
 
-    def micro_batch(rows):
-        ids = torch.zeros(len(rows), int(lengths[rows].max()), dtype=torch.long)
-        labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            a, b = 1 + P["prompt"] + n_imgs[r], lengths[r]
-            ids[i, :b] = torch.randint(100, c.vocab_size, (b,), generator=g)
-            ids[i, 1 + half:a - half] = IMG
-            labels[i, a:b], mask[i, :b] = ids[i, a:b], 1
-        grid = torch.tensor([(1, h // config.vision.patch_size, w // config.vision.patch_size) for h, w in sides[rows]])
-        pixels = torch.randn(int(grid.prod(-1).sum()), config.vision.in_channels * config.vision.temporal_patch_size
-                             * config.vision.patch_size ** 2, generator=g)
-        return [t.to(device) for t in (ids, pixels.to(ptdtype), grid, labels, mask)]
-
+def padding(b):
+    """Stage-2 steps over 8 micro-batches of mixed lengths, in drawn order and length-grouped as train.py cuts them."""
+    model, v, B, rate, pad = b.model, b.model.config.vision, b.batch_size, {}, {}
+    rng, n, f = np.random.default_rng(b.seed), 8 * B, v.patch_size * v.spatial_merge_size
+    sides = rng.integers(256 // f, 512 // f + 1, (n, 2)) * f  # 256-512 px a side: 64-256 image tokens at f=32
+    caps = rng.integers(100, 401, n)
+    lengths = 1 + b.P["prompt"] + sides.prod(1) // f**2 + caps
     model.train().set_training_stage("stage2")
-    rate, padding = {}, {}
-    for order, batches in (("drawn order", np.arange(n_rows).reshape(-1, batch_size)),
-                           ("length-grouped", length_grouped(np.arange(n_rows), lengths, batch_size, rng))):
-        padding[order] = 1 - lengths.sum() / sum(int(lengths[b].max()) * len(b) for b in batches)
-        data = [micro_batch(b) for b in batches]
+    for order, batches in (("drawn order", np.arange(n).reshape(-1, B)),
+                           ("length-grouped", length_grouped(np.arange(n), lengths, B, rng))):
+        pad[order] = 1 - lengths.sum() / sum(int(lengths[rows].max()) * len(rows) for rows in batches)
+        data = [b.batch(sides[rows], caps[rows]) for rows in batches]
 
         def steps():
             for ids, pixels, grid, labels, mask in data:
                 model(ids, pixels, grid, labels=labels, attention_mask=mask)[1].backward()
             model.zero_grad(set_to_none=True)
-
-        rate[order] = lengths.sum() / timed(steps, 1)  # the real tokens (padding excluded) per second
+        rate[order] = lengths.sum() / b.timed(steps, 1)
     model.eval()
-    row(f"stage2 steps, {len(batches)} length-grouped micro-batches of {batch_size} (reference: drawn order)",
-        rate["length-grouped"], rate["drawn order"], "tok/s",
-        note=f"; padding {100 * padding['length-grouped']:.1f}% vs {100 * padding['drawn order']:.1f}%")
+    return [Row(f"stage2 steps, {len(batches)} length-grouped micro-batches of {B} (reference: drawn order)",
+                rate["length-grouped"], rate["drawn order"], "tok/s",
+                note=f"; padding {100 * pad['length-grouped']:.1f}% vs {100 * pad['drawn order']:.1f}%")]
 
-# serving: serve.py's tokens/s with 1 and with 8 concurrent clients -------------------------------------------------
-if "serve" in sections:
-    import re
-    import subprocess
-    import threading
-    import urllib.request
-    from tokenizers import AddedToken, pre_tokenizers
 
-    serve_tokens = 4 * new_tokens  # a request's max_tokens: decode dominates, as in captioning
+def serve(b):
+    """serve.py's tokens/s for 1 and 8 concurrent clients: the responses' completion tokens over the clients' time."""
+    max_tokens, side = 4 * b.new_tokens, b.P["image"]  # a request's max_tokens: decode dominates, as in captioning
     with tempfile.TemporaryDirectory() as d:
         # the bench model with a word-level tokenizer over its whole vocabulary; the chat tokens sit inside it
         special = {"<unk>": 0, "</s>": 1, "<|image_pad|>": IMG, "<|im_start|>": IMG + 2, "<|im_end|>": IMG + 3}
-        vocab = {f"w{i}": i for i in range(c.vocab_size)} | special
-        vocab = {t: i for t, i in vocab.items() if t in special or i not in special.values()}
+        vocab = {f"w{i}": i for i in range(b.model.config.text.vocab_size) if i not in special.values()} | special
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        save_pretrained(model, d)
-        side_px = P["image"]
-        Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=side_px * side_px).save_pretrained(d)
+        save_pretrained(b.model, d)
+        Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=side * side).save_pretrained(d)
         photo = os.path.join(d, "photo.png")
-        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(photo)
-        log = open(os.path.join(d, "log"), "w+")
-        server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
-                                   f"--init_from={d}", f"--device={device}", f"--dtype={str(ptdtype)[6:]}", "--port=0",
-                                   "--max_batch=8"], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while not (m := re.search(r"on (http://\S+)/v1 ", open(log.name).read())):
-                if server.poll() is not None:
-                    die(f"serve.py exited: {open(log.name).read()[-500:]}")
-                time.sleep(0.2)
-            body = json.dumps({"model": "bench", "max_tokens": serve_tokens, "temperature": 0, "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "Describe this image."},
-                                             {"type": "image_url", "image_url": {"url": photo}}]}]}).encode()
+        Image.fromarray(np.random.default_rng(b.seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(photo)
+        body = json.dumps({"model": "bench", "max_tokens": max_tokens, "temperature": 0, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Describe this image."},
+                                         {"type": "image_url", "image_url": {"url": photo}}]}]}).encode()
 
-            def ask():  # one request as curl sends it; returns its completion tokens
-                req = urllib.request.Request(m[1] + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=600) as r:
-                    return json.load(r)["usage"]["completion_tokens"]
+        def ask(_=None):  # one request as curl sends it; returns its completion tokens (as serve.py counts them)
+            req = urllib.request.Request(url[1] + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.load(r)["usage"]["completion_tokens"]
 
-            for clients in (1, 8):
-                done = [0] * clients
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), f"--init_from={d}",
+               f"--device={b.device}", f"--dtype={str(b.dtype)[6:]}", "--port=0", "--max_batch=8"]
+        with open(os.path.join(d, "log"), "w+") as log, subprocess.Popen(cmd, stdout=log, stderr=log) as server:
+            try:
+                while not (url := re.search(r" on (http://\S+)/v1 ", open(log.name).read())):  # its line on being up
+                    if server.poll() is not None:
+                        die(f"serve.py exited: {open(log.name).read()[-500:]}")
+                    time.sleep(0.2)
+                out, n = [], max(2, b.repeat // 2)  # requests per client
+                for clients in (1, 8):
+                    ask()  # warmup: the first batch allocates the cache
+                    with ThreadPoolExecutor(clients) as pool:  # a worker per client, asking again once answered
+                        t0 = time.perf_counter()
+                        tokens = sum(pool.map(ask, range(clients * n)))
+                        dt = time.perf_counter() - t0
+                    out.append(Row(f"serve.py, {clients} concurrent client{'s' if clients > 1 else ''}, 1 image + "
+                                   f"{max_tokens} new tokens per request", tokens / dt, None, "tok/s",
+                                   note=f"; {tokens} tokens in {clients * n} requests, {dt:.1f} s"))
+                return out
+            finally:
+                server.terminate()
 
-                def client(k):
-                    for _ in range(max(2, repeat // 2)):
-                        done[k] += ask()
 
-                threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-                ask()  # warmup: the first batch allocates the cache
-                time.sleep(0.5)  # a batch's log line comes after its answers
-                start = open(log.name).read().count("batch of")
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                dt = time.perf_counter() - t0
-                time.sleep(0.5)  # a batch's log line comes after its answers
-                sizes = [int(b) for b in re.findall(r"batch of (\d+):", open(log.name).read())[start:]]
-                row(f"serve.py, {clients} concurrent client{'s' if clients > 1 else ''}, 1 image + {serve_tokens} "
-                    f"new tokens per request", sum(done) / dt, None, "tok/s",
-                    note=f"; {sum(done)} tokens in {dt:.1f} s, batches of {'/'.join(map(str, sizes))}")
-        finally:
-            server.terminate()
-            server.wait()
-
-# int8 decoder (quantize.py) against the bench dtype: weight bytes, batch-1 decode --------------------------------
-if "quantize" in sections:
-    def read_bytes(m):  # what batch-1 decode reads per token: every decoder tensor but the embedding table
-        return sum(t.numel() * t.element_size() for k, t in m.language_model.state_dict().items()
-                   if not k.startswith("model.embed_tokens."))
-
-    def state_bytes(m):
-        return sum(t.numel() * t.element_size() for t in m.state_dict().values())
-
-    a3 = PRESETS["a3"]  # on the meta device: shapes and dtypes, no memory, so always the full 40 layers
-    with torch.device("meta"):
-        big = ArtemisVLM(ArtemisConfig(TextConfig(**a3["text"]), VisionConfig(**a3["vision"],
+def quantize(b):
+    """The int8 decoder (quantize.py) against the bench dtype. Last in the run order: it quantizes the model."""
+    with torch.device("meta"):  # shapes and dtypes, no memory: always the full 40 layers
+        big = ArtemisVLM(ArtemisConfig(TextConfig(**PRESETS["a3"]["text"]), VisionConfig(**PRESETS["a3"]["vision"],
                                        num_position_embeddings=2304), IMG)).to(torch.bfloat16)
-    a3_bytes = state_bytes(big), state_bytes(quantize_int8(big))
-    del big
-    ids1, pixels1, grid1 = inputs(1, answer=False)
-    kv = kv_read_bytes(ids1.shape[1])
-
-    def step_rate(step):  # batch-1 tokens/s of model.generate with this decode step
-        r = decode_rate(lambda n: model.generate(ids1, n, temperature=0, pixel_values=pixels1, image_grid_thw=grid1,
-                                                 decode_one=step))
-        model.clear_caches()
-        return r
-
-    kinds = ["eager"] + (["compiled" + (" (CUDA graphs)" if cuda else "")] if compile else [])
+    a3_bf16, a3_int8 = nbytes(big.state_dict().values()), nbytes(quantize_int8(big).state_dict().values())
+    ids, pixels, grid, _, _ = b.inputs(1, answer=False)
+    kinds = ["eager"] + (["compiled" + (" (CUDA graphs)" if b.cuda else "")] if b.compile else [])
     rates, per_token = {}, {}
     for q in ("full", "int8"):  # back to back, so a shared machine's load falls on both alike
         if q == "int8":
-            quantize_int8(model)
-        per_token[q] = read_bytes(model) + kv
-        for kind in kinds:
-            rates[q, kind] = step_rate(None if kind == "eager" else model.compile_decode())
-    bw = read_bandwidth()
-    full = str(ptdtype).removeprefix("torch.")
-    qrows = [("weights of the A3 shape (40 layers, meta device), GB", a3_bytes[1] / 1e9, a3_bytes[0] / 1e9, "bf16"),
-             (f"decoder bytes read per decode token ({preset}), GB", per_token["int8"] / 1e9,
-              per_token["full"] / 1e9, full)]
-    qrows += [(f"decode, batch 1, {kind}, tok/s", rates["int8", kind], rates["full", kind], full) for kind in kinds]
-    quantize_note = "\n".join(
-        f"decode, batch 1, {kind}, {name}: {rates[q, kind] * per_token[q] / 1e9:.1f} GB/s read = "
-        f"{100 * rates[q, kind] * per_token[q] / bw:.0f}% of the measured {bw / 1e9:.1f} GB/s read bandwidth"
-        for kind in kinds for q, name in (("full", full), ("int8", "int8")))
+            quantize_int8(b.model)
+        per_token[q] = b.decode_read_bytes(ids.shape[1])
+        for k in kinds:  # compiled again once quantized: the first compile froze the float weights into its graph
+            step = b.model.decode_one if k == "eager" else b.model.compile_decode()
+            rates[q, k] = b.decode_rate(step, ids, pixels, grid)
+    bw, full = b.read_bandwidth(), str(b.dtype).removeprefix("torch.")
+    rows = [("weights of the A3 shape (40 layers, meta device), GB", a3_int8 / 1e9, a3_bf16 / 1e9, "bf16"),
+            (f"decoder bytes read per decode token ({b.preset}), GB", per_token["int8"] / 1e9, per_token["full"] / 1e9,
+             full)] + [(f"decode, batch 1, {k}, tok/s", rates["int8", k], rates["full", k], full) for k in kinds]
+    return ["\n".join(["| int8 decoder (quantize.py) | int8 | full precision | int8 vs full |", "|---|---|---|---|"] +
+                      [f"| {what} | {q:,.2f} | {f:,.2f} ({name}) | {q / f:.2f}x |" for what, q, f, name in rows]),
+            "\n".join(f"decode, batch 1, {k}, {name}: {rates[q, k] * per_token[q] / 1e9:.1f} GB/s read = "
+                      f"{100 * rates[q, k] * per_token[q] / bw:.0f}% of the measured {bw / 1e9:.1f} GB/s read bandwidth"
+                      for k in kinds for q, name in (("full", full), ("int8", "int8")))]
 
-# table --------------------------------------------------------------------------------------------------------
-print(f"\n| what | ours | reference | ours vs reference |\n|---|---|---|---|" if results else "")
-for what, ours, theirs, unit, higher, note in results:
-    fmt = lambda v: "-" if v is None else f"{v:,.1f} {unit}" if v < 100 else f"{v:,.0f} {unit}"  # noqa: E731
-    if ours is None or not theirs:
-        ratio = "-"
-    elif unit == "MiB":
-        ratio = f"{ours / theirs:.2f}x the memory"
-    else:
-        ratio = f"{ours / theirs if higher else theirs / ours:.2f}x faster"
-    print(f"| {what}{note} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
-if "decode" in sections:
-    print(f"\n{bandwidth_note}")
-if "quantize" in sections:
-    print(f"\n| int8 decoder (quantize.py) | int8 | full precision | int8 vs full |\n|---|---|---|---|")
-    for what, q, f, name in qrows:
-        print(f"| {what} | {q:,.2f} | {f:,.2f} ({name}) | {q / f:.2f}x |")
-    print(f"\n{quantize_note}")
+
+SECTIONS = {f.__name__: f for f in (processor, vision, prefill, decode, train, padding, serve, quantize)}  # run order
+
+
+def table(rows):
+    fmt = lambda v, unit: "-" if v is None else f"{v:,.1f} {unit}" if v < 100 else f"{v:,.0f} {unit}"  # noqa: E731
+    lines = ["| what | ours | reference | ours vs reference |", "|---|---|---|---|"]
+    for what, ours, theirs, unit, note in rows:
+        ratio = "-" if ours is None or not theirs else f"{ours / theirs:.2f}x the memory" if unit == "MiB" else (
+            f"{ours / theirs if unit.endswith('/s') else theirs / ours:.2f}x faster")  # a rate, or a time in ms
+        lines.append(f"| {what}{note} | {fmt(ours, unit)} | {fmt(theirs, unit)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main():
+    names, cuda = only.split(",") if only else list(SECTIONS), device.startswith("cuda")
+    if preset not in PRESETS:
+        die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
+    if set(names) - set(SECTIONS):
+        die(f"--only={only!r}, expected a comma-separated subset of {','.join(SECTIONS)}")
+    if cuda and not torch.cuda.is_available():
+        die(f"--device={device}: CUDA is not available here")
+    ref_processor = None
+    if reference:
+        try:
+            from artemis_vlm import ArtemisVLMConfig, ArtemisVLMForConditionalGeneration
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+            ref_processor = Qwen2VLImageProcessorPil
+        except ImportError as e:
+            print(f"reference stack not installed ({e}); timing this implementation only")
+    P, ptdtype = PRESETS[preset], getattr(torch, dtype or ("bfloat16" if cuda else "float32"))
+    text = dict(P["text"], sliding_window=None, tie_word_embeddings=False) | (
+        dict(num_hidden_layers=n_layer) if n_layer else {})
+    config = ArtemisConfig(TextConfig(**text), VisionConfig(**P["vision"], num_position_embeddings=2304), IMG)
+    torch.manual_seed(seed)
+    torch.set_default_dtype(ptdtype)  # built in the bench dtype on the device: a 12B never exists in fp32
+    with torch.device(device):
+        model = ArtemisVLM(config).eval()
+        ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval() if ref_processor and (
+            {"vision", "prefill", "decode", "train"} & set(names)) else None  # the sections that run it
+    torch.set_default_dtype(torch.float32)
+    if ref is not None:
+        missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(".deepstack_merger_list." not in k for k in missing):
+            die(f"weights do not map onto the reference: {(missing + unexpected)[:3]}")
+        ref.generation_config.update(eos_token_id=None, pad_token_id=0)  # random weights: always n new tokens
+    c, v, n_dec = config.text, config.vision, sum(p.numel() for p in model.language_model.parameters())
+    print(f"bench: {torch.cuda.get_device_name()}" if cuda else f"bench: {device} ({torch.get_num_threads()} threads)",
+          f"torch {torch.__version__}, {str(ptdtype)[6:]}, preset {preset}: decoder {c.num_hidden_layers} x "
+          f"{c.hidden_size} ({n_dec / 1e6:.0f}M, vocab {c.vocab_size}), vision {v.depth} x {v.hidden_size}"
+          + (", reference: transformers + artemis-vlm" if ref else ""))
+    b = Bench(model, ref, ref_processor, preset, P, device, cuda, ptdtype, batch_size or P["batch"], new_tokens,
+              repeat, compile, peak_flops, seed)
+    out = [item for name in SECTIONS if name in names for item in SECTIONS[name](b)]
+    rows = [r for r in out if isinstance(r, Row)]
+    print("\n" + "\n\n".join(([table(rows)] if rows else []) + [s for s in out if isinstance(s, str)]))
+
+
+if __name__ == "__main__":
+    main()
