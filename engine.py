@@ -19,9 +19,11 @@ Where a row's tokens sit: every row writes its decode token at one shared cache 
 left-padded batch does; key_valid marks each row's own columns, from its start to the end. A new prompt of T tokens
 is prefilled into the T columns just left of the shared column, with RoPE positions 0..T-1, as alone, so a row is
 always one unbroken run of columns [start, column): causality and the sliding window read column distances as token
-distances. When the shared column reaches the end, the whole cache rolls left by the first live row's start (attention
-finds a row's keys by key_valid, not by place); a prompt longer than the columns left of the shared column rolls it
-right first. A roll copies the cache, so it comes at most once every S minus (the longest live row) steps.
+distances. When the shared column reaches the end, the whole cache rolls left by the earliest live row's start
+(attention finds a row's keys by key_valid, not by place); a prompt longer than the columns left of the shared column
+rolls it right first. A roll copies the cache; after a roll left the next comes no sooner than S minus the longest
+live row's length steps later. The engine holds the model's KV cache (model.setup_caches): model.generate on the same
+model meanwhile would replace it.
 
 Each row samples with its own temperature, top_k, top_p and torch.Generator (seeded by its request, else at random),
 so a seeded request gets the same text alone and in any batch, and a greedy one its solo greedy text.
@@ -29,7 +31,6 @@ so a seeded request gets the same text alone and in any batch, and a greedy one 
 import queue
 import random
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 

@@ -261,9 +261,9 @@ class Reply:
     feed() turns the text as it comes into OpenAI chunk deltas, holding back what may still become a tag; the whole
     answer is the same deltas joined, so a stream and a reply always agree."""
 
-    def __init__(self, thinking, tools):
-        self.state = "reasoning" if thinking else "start"
-        self.tools, self.buf, self.newlines, self.calls = tools, "", "", 0
+    def __init__(self, opened, tools):  # opened: the prompt ends inside a <think> block
+        self.state, self.buf = "start", "<think>" if opened else ""
+        self.tools, self.newlines, self.calls = tools, "", 0
 
     def feed(self, text, final=False):
         self.buf += text
@@ -405,10 +405,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         size = self.headers.get("Content-Length") or "0"
-        if not size.isdigit() or int(size) > MAX_BODY:
+        if not size.isdigit():
+            self.close_connection = True
+            return self.error(400, f"Content-Length: expected a byte count, got {size!r}")
+        if int(size) > MAX_BODY:
             self.close_connection = True  # the body stays unread
-            return self.error(413, f"request body: {size} bytes, over the {MAX_BODY} byte limit") if size.isdigit() \
-                else self.error(400, f"Content-Length: expected a byte count, got {size!r}")
+            return self.error(413, f"request body: {size} bytes, over the {MAX_BODY} byte limit")
         try:
             raw = self.rfile.read(int(size))
         except TimeoutError:
