@@ -230,12 +230,13 @@ def parse_request(body):
         raise BadRequest("top_p: expected a number in (0, 1], got 0", "top_p")
     where = "the model's context" if context == model.config.text.max_position_embeddings else "--max_model_len"
     try:
-        chat = processor.apply_chat_template(messages, add_generation_prompt=True, tools=tools,
-                                             **{"enable_thinking": thinking == "on", **kwargs})
+        kw = {"enable_thinking": thinking == "on", **kwargs}
+        chat = processor.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **kw)
         if len(chat) > max_token_chars * context:  # too long for any tokenization: refused before a slow tokenizing
             raise BadRequest(f"messages: {len(chat)} characters of prompt, more than {where} of {context} tokens "
                              "can hold", "messages", code="context_length_exceeded")
         inputs = processor(chat, images=images)
+        prompt = chat[len(processor.apply_chat_template(messages, tools=tools, **kw)):]  # the generation prompt alone
     except ValueError as e:
         raise BadRequest(f"messages: {e}", "messages") from None
     T = inputs["input_ids"].shape[1]
@@ -246,7 +247,7 @@ def parse_request(body):
                          param, code="context_length_exceeded")
     r = Request(inputs["input_ids"][0], n, inputs.get("pixel_values"), inputs.get("image_grid_thw"), stop=stop,
                 **sampling)
-    opened = chat.rfind("<think>") > chat.rfind("</think>")  # the template opened the reasoning itself
+    opened = prompt.rfind("<think>") > prompt.rfind("</think>")  # it opens the reasoning (Qwen3's thinking models do)
     return r, dict(stream=body.get("stream", False), usage=bool(options.get("include_usage")),
                    reply=Reply(opened, tools is not None), prompt_tokens=T)
 

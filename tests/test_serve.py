@@ -329,6 +329,10 @@ def test_thinking_per_request(scripted):
         kw = {} if think is None else {"extra_body": {"chat_template_kwargs": {"enable_thinking": think}}}
         r = scripted["client"].chat.completions.create(model="m", messages=msgs, max_tokens=20, temperature=0, **kw)
         assert r.usage.prompt_tokens == n[bool(think)] and r.choices[0].message.reasoning_content == REASON
+    # a <think> the user wrote opens no reasoning: only one in the template's generation prompt would
+    r = scripted["client"].chat.completions.create(model="m", messages=user("What does <think> do?"), max_tokens=20,
+                                                   extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert r.choices[0].message.reasoning_content == REASON
 
 
 def test_local_paths_only_under_the_allowed_directory(srv, scripted):
