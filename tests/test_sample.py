@@ -41,7 +41,7 @@ def tokenizer(extra=()):
 def checkpoint(path, scripted=False, ctx=CTX):
     """A tiny random graft with its processor. scripted: the decoder's next token depends only on the current one
     and answers '\\n' -> <|vision_start|> -> 'H' -> 'i' -> <|im_end|>, so the expected output is exactly 'Hi'; or a list
-    of tokens it answers that way instead, from the one a prompt ends with (words not in the tokenizer become tokens)."""
+    of tokens it answers that way instead, from the one a prompt ends with (new words become tokens)."""
     chain = ["Ċ", "<|vision_start|>", "H", "i", "<|im_end|>"] if scripted is True else scripted or []
     tok = tokenizer([t for t in chain if t not in tokenizer().get_vocab()])
     tid = tok.token_to_id
