@@ -111,9 +111,10 @@ class KVCache(nn.Module):
             self.register_buffer(name, torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device),
                                  persistent=False)
 
-    def update(self, input_pos, k, v):
-        self.k[:, :, input_pos], self.v[:, :, input_pos] = k, v
-        return self.k, self.v
+    def update(self, input_pos, k, v):  # input_pos: slots (T,) of every row, or (rows, slots): those rows' alone
+        row, input_pos = (slice(None), input_pos) if torch.is_tensor(input_pos) else input_pos
+        self.k[row, :, input_pos], self.v[row, :, input_pos] = k, v
+        return self.k[row], self.v[row]
 
 
 class Attention(nn.Module):
@@ -181,7 +182,7 @@ class Mistral(nn.Module):
 
     def forward(self, x, pos, mask, input_pos=None):
         """x: input embeddings (B, T, d); pos: RoPE positions (B, T); mask: bool (B, 1, T, S) or None
-        for plain causal; input_pos: KV-cache slots (T,) when a cache is set up. Returns hidden (B, T, d)."""
+        for plain causal; input_pos: KV-cache slots (KVCache.update) when a cache is set up. -> hidden (B, T, d)."""
         cos, sin = rope(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         recompute = self.gradient_checkpointing and self.training
         for layer in self.model.layers:
@@ -371,12 +372,12 @@ class ArtemisVLM(nn.Module):
         for layer in self.language_model.model.layers:
             layer.self_attn.kv_cache = None
 
-    def prefill(self, input_ids, pos, key_valid, pixel_values=None, image_grid_thw=None):
-        """Run the prompt into the cache; the only step that sees the image. Returns last logits (B, vocab)."""
+    def prefill(self, input_ids, pos, key_valid, pixel_values=None, image_grid_thw=None, row=None, start=0):
+        """The prompt into cache slots start.. of each row, or of row alone; sees the image. Last logits (B, vocab)."""
         x = self.embed(input_ids, pixel_values, image_grid_thw)
-        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        slots = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         mask = causal_mask(slots, key_valid.shape[1], key_valid, self.config.text.sliding_window)
-        h = self.language_model(x, pos, mask, slots)
+        h = self.language_model(x, pos, mask, slots if row is None else (slice(row, row + 1), slots))
         return self.language_model.lm_head(h[:, -1])
 
     def decode_one(self, token, pos, input_pos, key_valid):
@@ -415,8 +416,7 @@ class ArtemisVLM(nn.Module):
         key_valid[:, :T] = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         stop = torch.tensor(stop_ids or [], dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        out = [input_ids]
+        done, out = torch.zeros(B, dtype=torch.bool, device=dev), [input_ids]
         logits = self.prefill(input_ids, pos, key_valid, pixel_values, image_grid_thw)
         nxt_pos = pos[:, -1:] + 1  # (B, 1)
         for i in range(max_new_tokens):

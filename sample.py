@@ -14,9 +14,10 @@ Options are the globals below; override them on the command line or in a config 
 With no --init_from it uses the shapes demo's checkpoint, out-shapes/ckpt. A prompt run prints a summary line
 (prompt and image tokens, time to first token, decode speed) to stderr after each sample, so stdout holds only the
 text. A folder run (--image names a directory or a glob; a file or a comma-separated list of files is one prompt)
-captions each image on its own, --batch_size at a time, with a progress bar on stderr. It writes one line
-{"image": path, "caption": text} per image to --out (stdout when not given), skips the images --out already holds,
-and names an unreadable image on stderr and goes on.
+captions each image on its own, --batch_size at a time through engine.py's continuous batching (an image takes the
+row of a caption that ended, at once), with a progress bar on stderr. It writes one line {"image": path, "caption":
+text} per image as its caption ends to --out (stdout when not given), skips the images --out already holds, and names
+an unreadable image on stderr and goes on. Sampled captions draw from seed + the image's place in the folder.
 """
 import glob
 import json
@@ -27,16 +28,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import load
 from configurator import configure, die
+from engine import Engine, Request, load
 from processor import load_image
-from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
 image = None  # one prompt's images: 'a.jpg', 'a.jpg,b.jpg' or ['a.jpg', 'b.jpg']; None: text only. A folder
 # run: a directory or a glob ('photos/', 'photos/*.jpg'), each image captioned on its own
 out = ""  # a folder run's JSON-lines file, appended to; '': stdout
-batch_size = 8  # a folder run's images captioned together
+batch_size = 8  # a folder run's images decoded together
 prompt = "Describe this image in detail."
 system = ""  # a system message, when given
 init_from = ""  # an artemis checkpoint dir, a training out_dir (checkpoint in <out_dir>/ckpt) or a hub repo id
@@ -80,35 +80,10 @@ def skip(msg):
     tqdm.write(f"skipped {msg}", file=sys.stderr)  # above the progress bar
 
 
-@torch.inference_mode()
-def caption(model, processor, decode_one, chat, paths, images):
-    """[(path, caption)] for images each captioned on its own as rows of one left-padded batch. An image the
-    processor refuses, or whose prompt and max_new_tokens pass the model's context, is named on stderr and left out."""
-    try:
-        inputs = processor([chat] * len(images), images=images, padding_side="left")
-    except ValueError as e:
-        if len(images) == 1:
-            skip(f"{paths[0]}: {e}")
-            return []
-        return [r for p, im in zip(paths, images) for r in caption(model, processor, decode_one, chat, [p], [im])]
-    lengths = inputs["attention_mask"].sum(1).tolist()
-    ctx = model.config.text.max_position_embeddings
-    if any(n + max_new_tokens > ctx for n in lengths):
-        for p, n in zip(paths, lengths):
-            if n + max_new_tokens > ctx:
-                skip(f"{p}: its prompt is {n} tokens, with --max_new_tokens={max_new_tokens} more than the model's "
-                     f"context of {ctx}; lower --max_pixels or --max_new_tokens")
-        keep = [k for k, n in enumerate(lengths) if n + max_new_tokens <= ctx]
-        return caption(model, processor, decode_one, chat, [paths[k] for k in keep], [images[k] for k in keep]) \
-            if keep else []
-    ids = inputs["input_ids"].to(device)  # (B, T)
-    got = model.generate(ids, max_new_tokens, temperature, top_k, top_p, inputs["pixel_values"].to(device),
-                         inputs["image_grid_thw"], inputs["attention_mask"].to(device), processor.stop_ids,
-                         decode_one)[:, ids.shape[1]:]
-    return [(p, processor.reply(row)) for p, row in zip(paths, got)]
-
-
 def caption_folder(model, processor, decode_one, paths):
+    """Caption each image on its own through engine.py's continuous batching, batch_size rows at a time: a caption
+    that ends frees its row for the next image at once, so one long caption never holds back the others. Lines are
+    written as captions end."""
     captioned, text = set(), ""
     if out and os.path.exists(out):
         with open(out, encoding="utf-8") as f:
@@ -118,24 +93,51 @@ def caption_folder(model, processor, decode_one, paths):
                 captioned.add(os.path.abspath(json.loads(line)["image"]))
             except (ValueError, KeyError, TypeError):  # a line an interrupted run cut short: that image goes again
                 pass
+    seeds = {p: seed + k for k, p in enumerate(paths)}  # an image's own: its caption is the same in any batch
     todo = [p for p in paths if os.path.abspath(p) not in captioned]
     sink = open(out, "a", encoding="utf-8") if out else sys.stdout
     if text and not text.endswith("\n"):
         sink.write("\n")
     chat = chat_prompt(processor, 1)
+    ctx = model.config.text.max_position_embeddings
+    image_tokens = processor.max_pixels // (processor.patch_size * processor.merge_size) ** 2  # the most an image gives
+    longest = len(processor.tokenizer.encode(chat).ids) - 1 + image_tokens + max_new_tokens
+    engine = Engine(model, processor, decode_one, batch_size, min(longest, ctx))
+
+    def request(p):  # p's prompt for the engine, or None: named on stderr and skipped
+        try:
+            image = load_image(p)
+        except ValueError as e:  # its message names the file
+            return skip(e)
+        try:
+            inputs = processor(chat, images=[image])
+        except ValueError as e:
+            return skip(f"{p}: {e}")
+        T = inputs["input_ids"].shape[1]
+        if T + max_new_tokens > min(engine.S, ctx):
+            return skip(f"{p}: its prompt is {T} tokens, with --max_new_tokens={max_new_tokens} more than the model's "
+                        f"context of {ctx}; lower --max_pixels or --max_new_tokens")
+        return Request(inputs["input_ids"][0], max_new_tokens, inputs["pixel_values"], inputs["image_grid_thw"],
+                       temperature, top_p or 1.0, top_k or 0, seeds[p])
+
+    pending, left = {}, iter(todo)
     with tqdm(total=len(todo), unit="img", file=sys.stderr, desc="captions") as bar:
-        for i in range(0, len(todo), batch_size):
-            paths, images = [], []
-            for p in todo[i:i + batch_size]:
-                try:
-                    images.append(load_image(p))
-                    paths.append(p)
-                except ValueError as e:
-                    skip(e)
-            for p, c in caption(model, processor, decode_one, chat, paths, images) if images else []:
-                sink.write(json.dumps({"image": p, "caption": c}, ensure_ascii=False) + "\n")
-                sink.flush()  # a line per image as it comes: an interrupted run keeps what it finished
-            bar.update(len(todo[i:i + batch_size]))
+        while True:
+            while len(engine.waiting) < batch_size and (p := next(left, None)) is not None:  # the next rows, ready
+                if (r := request(p)) is None:
+                    bar.update(1)
+                else:
+                    pending[engine.submit(r)] = p
+            if not engine.busy():
+                break
+            for r in engine.step():
+                if r.finish == "error":
+                    skip(f"{pending[r]}: {r.error}")
+                else:
+                    sink.write(json.dumps({"image": pending[r], "caption": r.text}, ensure_ascii=False) + "\n")
+                    sink.flush()  # a line per image as it comes: an interrupted run keeps what it finished
+                del pending[r]
+                bar.update(1)
     if out:
         sink.close()
 
@@ -212,14 +214,10 @@ def main():
         die(f"--image: {e}")
     if thinking not in ("on", "off"):
         die(f"--thinking={thinking}: expected on or off")
-    if quantize not in ("", "int8"):
-        die(f"--quantize={quantize}: expected int8, or nothing for the checkpoint's own weights")
     try:
-        model, processor = load(init_from, device, dtype, min_pixels, max_pixels)
+        model, processor, decode_one = load(init_from, device, dtype, min_pixels, max_pixels, quantize, compile)
     except ValueError as e:
         die(e)
-    model = quantize_int8(model) if quantize else model
-    decode_one = model.compile_decode() if compile else model.decode_one
     torch.manual_seed(seed)
     if folder:
         caption_folder(model, processor, decode_one, paths)

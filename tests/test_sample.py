@@ -26,26 +26,28 @@ SUMMARY = re.compile(r"^(\d+) prompt tokens \((\d+) image\), (\d+) new tokens, t
                      r"decode [\d.]+ tokens/s$", re.M)
 
 
-def tokenizer():
+def tokenizer(extra=()):
     # byte-level BPE without merges: one token per byte, plus the chat and vision tokens (<think> is not special,
-    # as in Qwen3, so a thinking answer shows it)
+    # as in Qwen3, so a thinking answer shows it) and the extra words, each one token
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
                                merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL])
-    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in ("<think>", "</think>")])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in ("<think>", "</think>", *extra)])
     return tok
 
 
-def checkpoint(path, scripted=False):
+def checkpoint(path, scripted=False, ctx=CTX):
     """A tiny random graft with its processor. scripted: the decoder's next token depends only on the current one
-    and answers '\\n' -> <|vision_start|> -> 'H' -> 'i' -> <|im_end|>, so the expected output is exactly 'Hi'."""
-    tok = tokenizer()
+    and answers '\\n' -> <|vision_start|> -> 'H' -> 'i' -> <|im_end|>, so the expected output is exactly 'Hi'; or a list
+    of tokens it answers that way instead, from the one a prompt ends with (new words become tokens)."""
+    chain = ["Ċ", "<|vision_start|>", "H", "i", "<|im_end|>"] if scripted is True else scripted or []
+    tok = tokenizer([t for t in chain if t not in tokenizer().get_vocab()])
     tid = tok.token_to_id
     torch.manual_seed(0)
     text = TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=None, max_position_embeddings=CTX,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=None, max_position_embeddings=ctx,
                       bos_token_id=None, eos_token_id=tid("<|endoftext|>"))
     vision = VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                           num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=16, spatial_merge_size=2)
@@ -57,7 +59,7 @@ def checkpoint(path, scripted=False):
                 layer.self_attn.o_proj.weight.zero_()
                 layer.mlp.down_proj.weight.zero_()
             lm.lm_head.weight.zero_()
-            chain = [tid("Ċ"), tid("<|vision_start|>"), tid("H"), tid("i"), tid("<|im_end|>")]
+            chain = [tid(t) for t in chain]
             for k, (a, b) in enumerate(zip(chain, chain[1:])):
                 lm.model.embed_tokens.weight[a] = torch.eye(32)[k]
                 lm.lm_head.weight[b, k] = 10.0
@@ -187,8 +189,9 @@ def greedy_caption(ckpt, path, n=16):
 
 def test_folder_run_captions_each_image_once(files, tmp_path):
     """A directory is a folder run: one JSON line per readable image, each the greedy caption that image gets alone
-    (in batches of 2, so rows of different lengths share a left-padded batch); a corrupt file is named and skipped;
-    a re-run with the same --out adds nothing; a glob to stdout gives the same lines."""
+    (2 rows at a time, so the third image takes the row of the first caption to end); a corrupt file is named and
+    skipped; a re-run with the same --out adds nothing; a glob to stdout gives the same lines; sampled captions are
+    the same in rows of 1 or of 3, each image drawing from its own seed."""
     d = tmp_path / "photos"
     d.mkdir()
     for name in ("a.png", "b.png", "bad.png"):
@@ -200,7 +203,7 @@ def test_folder_run_captions_each_image_once(files, tmp_path):
     r = run(*args, f"--image={d}", f"--out={out}")
     assert r.returncode == 0 and r.stdout == "", r.stderr
     assert "bad.png" in r.stderr and "Traceback" not in r.stderr and "notes.txt" not in r.stderr
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda x: x["image"])
     assert [x["image"] for x in lines] == [str(d / n) for n in ("a.png", "b.png", "c.jpg")]
     want = [greedy_caption(files["random"], x["image"]) for x in lines]
     assert all(want) and [x["caption"] for x in lines] == want
@@ -209,4 +212,9 @@ def test_folder_run_captions_each_image_once(files, tmp_path):
     assert r.returncode == 0 and out.read_text() == before, r.stderr
     r = run(*args, f"--image={d}/*.png")
     assert r.returncode == 0, r.stderr
-    assert [json.loads(line) for line in r.stdout.splitlines()] == lines[:2]
+    assert sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda x: x["image"]) == lines[:2]
+    hot = [run(f"--init_from={files['random']}", "--temperature=1.0", f"--batch_size={n}", f"--image={d}")
+           for n in (1, 3)]
+    assert all(h.returncode == 0 for h in hot), hot[0].stderr
+    assert sorted(hot[0].stdout.splitlines()) == sorted(hot[1].stdout.splitlines()) != sorted(
+        json.dumps(x, ensure_ascii=False) for x in lines)
