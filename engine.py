@@ -10,10 +10,12 @@ its engine.py beside its model the same way; mlx-vlm's server schedules alike).
     while engine.busy(): ended = engine.step()   # or step it by hand (sample.py)
 
 The KV cache is a fixed pool of max_batch rows (slots) of S columns. At each step boundary a waiting request takes a
-free slot: its prompt is prefilled alone (its images encoded once) and joins the running decode; a row leaves as soon
-as it ends (a stop token, a stop string, max_tokens, or cancelled) and frees its slot for the next. The decode step
-runs over all max_batch rows every time, so the compiled step (CUDA graphs on a GPU) sees the same shapes whichever
-rows come and go, and never recompiles.
+free slot, the lowest: its prompt is prefilled alone (its images encoded once) and joins the running decode; a row
+leaves as soon as it ends (a stop token, a stop string, max_tokens, or cancelled) and frees its slot for the next. The
+decode step runs over the rows up to the last live one: on a CPU a step costs about its rows (a 32-row step of the
+bench's small model is 4x a 1-row one), so a few requests in a big pool cost a few rows' step. With every_row (a
+compiled step) it runs over all max_batch rows every time, so it sees the same shapes whichever rows come and go, and
+never recompiles (CUDA graphs: captured once; on a GPU a step reads its weights once, whatever its rows).
 
 Where a row's tokens sit: every row writes its decode token at one shared cache column per step, as model.generate's
 left-padded batch does; key_valid marks each row's own columns, from its start to the end. A new prompt of T tokens
@@ -93,12 +95,13 @@ def sample(logits, rows):
 
 
 class Engine:
-    def __init__(self, model, processor, decode_one, max_batch, max_len, static=False, window=0.0):
+    def __init__(self, model, processor, decode_one, max_batch, max_len, static=False, window=0.0, every_row=False):
         """max_len: the cache columns a prompt and its new tokens share (rounded up to a multiple of 256). static: a
         new batch only once every row of the last has ended, after waiting up to window seconds for max_batch
-        requests: request-level batching, kept for bench.py's comparison."""
+        requests: request-level batching, kept for bench.py's comparison. every_row: decode all max_batch rows at
+        every step, one shape for a compiled decode_one."""
         self.model, self.processor, self.decode_one = model, processor, decode_one
-        self.B, self.static, self.window = max_batch, static, window
+        self.B, self.static, self.window, self.every_row = max_batch, static, window, every_row
         self.S = model.setup_caches(max_batch, max_len)
         self.dev = dev = model.language_model.model.embed_tokens.weight.device
         self.cols = torch.arange(self.S, device=dev)
@@ -166,8 +169,10 @@ class Engine:
             return ended
         if self.column == self.S:
             self.roll(-min(self.start[b] for b in live))
+        n = self.B if self.every_row else live[-1] + 1
         try:
-            logits = self.decode_one(self.tok, self.pos, self.cols[self.column:self.column + 1], self.key_valid)
+            logits = self.decode_one(self.tok[:n], self.pos[:n], self.cols[self.column:self.column + 1],
+                                     self.key_valid[:n])
         except Exception as e:  # the step failed its rows, never the engine
             for b in live:
                 self.fail(self.rows[b], e, ended)

@@ -111,8 +111,8 @@ class KVCache(nn.Module):
             self.register_buffer(name, torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device),
                                  persistent=False)
 
-    def update(self, input_pos, k, v):  # input_pos: slots (T,) of every row, or (rows, slots): those rows' alone
-        row, input_pos = (slice(None), input_pos) if torch.is_tensor(input_pos) else input_pos
+    def update(self, input_pos, k, v):  # input_pos: slots (T,) of the first len(k) rows, or (rows, slots): those rows'
+        row, input_pos = (slice(len(k)), input_pos) if torch.is_tensor(input_pos) else input_pos
         self.k[row, :, input_pos], self.v[row, :, input_pos] = k, v
         return self.k[row], self.v[row]
 

@@ -102,7 +102,7 @@ def caption_folder(model, processor, decode_one, paths):
     ctx = model.config.text.max_position_embeddings
     image_tokens = processor.max_pixels // (processor.patch_size * processor.merge_size) ** 2  # the most an image gives
     longest = len(processor.tokenizer.encode(chat).ids) - 1 + image_tokens + max_new_tokens
-    engine = Engine(model, processor, decode_one, batch_size, min(longest, ctx))
+    engine = Engine(model, processor, decode_one, batch_size, min(longest, ctx), every_row=compile)
 
     def request(p):  # p's prompt for the engine, or None: named on stderr and skipped
         try:

@@ -549,7 +549,8 @@ if __name__ == "__main__":
         die(e)
     context = min(max_model_len, model.config.text.max_position_embeddings)
     max_token_chars = max(map(len, processor.tokenizer.get_vocab()))  # the most text one token can stand for
-    engine = Engine(model, processor, decode_one, max_batch, context, batching == "static", batch_window)
+    engine = Engine(model, processor, decode_one, max_batch, context, batching == "static", batch_window,
+                    every_row=compile)
     if compile:  # the step compiles now, not in the first client's request
         engine.submit(Request(torch.tensor([processor.pad_id]), 2))
         while engine.busy():

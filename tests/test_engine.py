@@ -92,6 +92,25 @@ def test_static_batching_admits_into_an_empty_batch_only(tiny):
     assert continuous.running() == 2
 
 
+def test_a_step_decodes_the_rows_up_to_the_last_live_one(tiny):
+    """Eager, a step runs over the slots up to the last live one, so one request in a big pool costs a 1-row step;
+    every_row (a compiled step's one shape) runs over all of them."""
+    model, proc, _ = tiny
+    for every_row, want in ((False, [1, 3, 3, 1]), (True, [4] * 4)):
+        rows = []
+        engine = Engine(model, proc, lambda tok, *a: rows.append(len(tok)) or model.decode_one(tok, *a), 4, 256,
+                        every_row=every_row)
+        a = engine.submit(Request(prompt(proc, "a"), 30))
+        engine.step()  # a in slot 0
+        b, c = engine.submit(Request(prompt(proc, "b"), 2)), engine.submit(Request(prompt(proc, "c"), 30))
+        engine.step()  # b and c in slots 1 and 2; b ends
+        engine.step()
+        c.cancelled = True
+        engine.step()
+        assert rows == want and (a.finish, b.finish, c.finish) == (None, "length", "cancelled")
+        assert len(a.tokens) == 5 and proc.decode(a.tokens) == alone(model, proc, a.ids, 5)
+
+
 def test_cancelled_and_failing_requests_end_alone(tiny):
     model, proc, decode_one = tiny
     engine = Engine(model, proc, decode_one, 4, 256)
