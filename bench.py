@@ -8,7 +8,9 @@ Speed and memory of this implementation beside the reference stack (transformers
 
 Both stacks run in this one process, on the same random weights (copied in memory) and inputs. Writes nothing.
 """
+import base64
 import gc
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import time
 import urllib.request
 import warnings
 from collections import namedtuple
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -286,50 +289,102 @@ def padding(b):
                 note=f"; padding {100 * pad['length-grouped']:.1f}% vs {100 * pad['drawn order']:.1f}%")]
 
 
+def streamed(url, body):
+    """One streamed chat request: (seconds to its first content, or its finish if it has none; seconds to the end of
+    the stream; completion tokens, from usage; finish_reason), on the client's clock."""
+    t0, first, usage, finish = time.perf_counter(), None, None, None
+    req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:  # server-sent events: 'data: {chunk}' lines, then 'data: [DONE]'
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                die(f"serve.py failed a request: {chunk['error']['message']}")
+            for c in chunk["choices"]:
+                if first is None and (c["delta"].get("content") or c["finish_reason"]):
+                    first = time.perf_counter() - t0
+                finish = c["finish_reason"] or finish
+            usage = chunk.get("usage") or usage
+    return first, time.perf_counter() - t0, usage["completion_tokens"], finish
+
+
 def serve(b):
-    """serve.py's tokens/s for 1 and 8 concurrent clients: the responses' completion tokens over the clients' time."""
-    max_tokens, side = 4 * b.new_tokens, b.P["image"]  # a request's max_tokens: decode dominates, as in captioning
-    with tempfile.TemporaryDirectory() as d:
+    """serve.py under one seeded mixed workload at 1, 8 and 32 concurrent clients, continuous against static batching,
+    both with 32 slots: output tokens/s, time to first token (TTFT) and request latency, from streamed responses on
+    the client's clock. A client sends its next request when the last ends; each client's first request is left out
+    of TTFT and latency: they all arrive at once, and the last waits for every other's prefill, which no steady load
+    does. Natural stops: the bench model's <|im_end|> head row is scaled up, so random weights end a reply after a
+    few dozen tokens more often than not, at the same token in both modes (greedy)."""
+    counts, per, v = (1, 8, 32), {1: 16, 8: 6, 32: 3}, b.model.config.vision  # per: requests per client
+    rng, f = np.random.default_rng(b.seed), v.patch_size * v.spatial_merge_size
+    bodies = []
+    for _ in range(max(c * per[c] for c in counts)):
+        words = rng.integers(100, b.model.config.text.vocab_size, rng.integers(8, 65))  # 8-64 words, one token each
+        content = [{"type": "text", "text": " ".join(f"w{k}" for k in words)}]
+        if rng.random() < 0.5:  # half with a photo 256-512 px a side (64-256 image tokens), first, as lmms-eval sends
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (*rng.integers(256 // f, 512 // f + 1, 2) * f, 3), dtype=np.uint8)
+                            ).save(png, "PNG")
+            content.insert(0, {"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}})
+        bodies.append(json.dumps({"model": "bench", "messages": [{"role": "user", "content": content}],
+                                  "max_tokens": int(rng.integers(16, 257)), "temperature": 0, "stream": True,
+                                  "stream_options": {"include_usage": True}}).encode())
+    got = {}  # (mode, clients): (each client's [(ttft, latency, tokens, finish)], seconds for them all)
+    with tempfile.TemporaryDirectory() as d, ExitStack() as servers:
         # the bench model with a word-level tokenizer over its whole vocabulary; the chat tokens sit inside it
         special = {"<unk>": 0, "</s>": 1, "<|image_pad|>": IMG, "<|im_start|>": IMG + 2, "<|im_end|>": IMG + 3}
         vocab = {f"w{i}": i for i in range(b.model.config.text.vocab_size) if i not in special.values()} | special
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        save_pretrained(b.model, d)
-        Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=side * side).save_pretrained(d)
-        photo = os.path.join(d, "photo.png")
-        Image.fromarray(np.random.default_rng(b.seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(photo)
-        body = json.dumps({"model": "bench", "max_tokens": max_tokens, "temperature": 0, "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "Describe this image."},
-                                         {"type": "image_url", "image_url": {"url": photo}}]}]}).encode()
-
-        def ask(_=None):  # one request as curl sends it; returns its completion tokens (as serve.py counts them)
-            req = urllib.request.Request(url[1] + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=600) as r:
-                return json.load(r)["usage"]["completion_tokens"]
-
+        head = b.model.language_model.lm_head.weight
+        with torch.no_grad():  # saved with the scaled row, then put back for the other sections
+            row = head[IMG + 3].clone()
+            head[IMG + 3] *= 2.4
+            save_pretrained(b.model, d)
+            head[IMG + 3] = row
+        Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=512 * 512).save_pretrained(d)
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), f"--init_from={d}",
-               f"--device={b.device}", f"--dtype={str(b.dtype)[6:]}", "--port=0", "--max_batch=8"]
-        with open(os.path.join(d, "log"), "w+") as log, subprocess.Popen(cmd, stdout=log, stderr=log) as server:
-            try:
-                while not (url := re.search(r" on (http://\S+)/v1 ", open(log.name).read())):  # its line on being up
-                    if server.poll() is not None:
-                        die(f"serve.py exited: {open(log.name).read()[-500:]}")
-                    time.sleep(0.2)
-                out, n = [], max(2, b.repeat // 2)  # requests per client
-                for clients in (1, 8):
-                    ask()  # warmup: the first batch allocates the cache
-                    with ThreadPoolExecutor(clients) as pool:  # a worker per client, asking again once answered
-                        t0 = time.perf_counter()
-                        tokens = sum(pool.map(ask, range(clients * n)))
-                        dt = time.perf_counter() - t0
-                    out.append(Row(f"serve.py, {clients} concurrent client{'s' if clients > 1 else ''}, 1 image + "
-                                   f"{max_tokens} new tokens per request", tokens / dt, None, "tok/s",
-                                   note=f"; {tokens} tokens in {clients * n} requests, {dt:.1f} s"))
-                return out
-            finally:
-                server.terminate()
+               f"--device={b.device}", f"--dtype={str(b.dtype)[6:]}", "--port=0", "--max_batch=32",
+               "--max_model_len=1024"]  # what the workload needs: each step attends over every slot's columns
+        logs, urls = {}, {}
+        for mode in ("continuous", "static"):
+            logs[mode] = servers.enter_context(open(os.path.join(d, mode + ".log"), "w+"))
+            server = servers.enter_context(subprocess.Popen(cmd + [f"--batching={mode}"], stdout=logs[mode],
+                                                            stderr=logs[mode]))
+            servers.callback(server.terminate)
+            while not (url := re.search(r" on (http://\S+)/v1 ", open(logs[mode].name).read())):  # its line on being up
+                if server.poll() is not None:
+                    die(f"serve.py --batching={mode} exited: {open(logs[mode].name).read()[-500:]}")
+                time.sleep(0.2)
+            urls[mode] = url[1]
+            streamed(urls[mode], next(x for x in bodies if b"image_url" in x))  # warmup: vision tower and decoder
+        for c in counts:
+            for mode, url in urls.items():  # back to back at each count, so a shared machine's load falls on both
+                def client(i):  # client i sends requests i, i + c, i + 2c, ...
+                    return [streamed(url, bodies[i + c * k]) for k in range(per[c])]
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(c) as pool:
+                    got[mode, c] = list(pool.map(client, range(c))), time.perf_counter() - t0
+    lines = ["| serve.py, mixed workload, 32 slots | clients | requests (timed) | output tok/s | TTFT p50 / p95 | "
+             "latency p50 / p95 | natural stops |", "|---|---|---|---|---|---|---|"]
+    p95 = {}
+    for (mode, c), (runs, dt) in got.items():
+        done, later = [r for run in runs for r in run], [r for run in runs for r in run[1:]]
+        (t50, p95[mode, c]), (l50, l95) = (np.percentile([r[k] for r in later], [50, 95]) for k in (0, 1))
+        lines.append(f"| {mode} | {c} | {len(done)} ({len(later)}) | {sum(r[2] for r in done) / dt:,.1f} | "
+                     f"{t50 * 1e3:,.0f} / {p95[mode, c] * 1e3:,.0f} ms | {l50:.2f} / {l95:.2f} s | "
+                     f"{sum(r[3] == 'stop' for r in done)} of {len(done)} |")
+    rate = {k: sum(r[2] for run in runs for r in run) / dt for k, (runs, dt) in got.items()}
+    same = sum(x[2] == y[2] for c in counts for a, z in zip(got["continuous", c][0], got["static", c][0])
+               for x, y in zip(a, z))
+    return ["\n".join(lines), "continuous vs static batching, output tokens/s: " + ", ".join(
+        f"{rate['continuous', c] / rate['static', c]:.2f}x at {c} clients" for c in counts[1:]) +
+        "; TTFT p95 under load vs 1 client: " + ", ".join(
+        f"{p95[m, c] / p95[m, 1]:.2f}x ({m}, {c} clients)" for m in urls for c in counts[1:]) +
+        f"; requests with the same completion tokens in both modes: {same} of {sum(c * per[c] for c in counts)}"]
 
 
 def quantize(b):
