@@ -333,9 +333,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
 
 
-def test_hub_id_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="no-such-org/no-such-graft: not a local directory, and fetching it"):
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    from huggingface_hub import constants  # read once at import: setting HF_HUB_OFFLINE now would change nothing
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    with pytest.raises(ValueError, match=r"no-such-org/no-such-graft: not a local directory, and fetching it from the "
+                                         r"hub failed \(LocalEntryNotFoundError: .*outgoing traffic has been disabled"):
         from_pretrained("no-such-org/no-such-graft")
 
 
