@@ -18,10 +18,11 @@ refused = []
 
 
 def loopback(host):
-    if host is None or host == "localhost":
+    host = host.decode() if isinstance(host, bytes) else host
+    if host in (None, "", "localhost"):  # None and "": this machine's own addresses, as a server binds them
         return True
     try:
-        ip = ipaddress.ip_address(host.decode() if isinstance(host, bytes) else str(host).split("%")[0])
+        ip = ipaddress.ip_address(str(host).split("%")[0])
     except ValueError:  # a name: resolving it is already a network request
         return False
     return ip.is_loopback or ip.is_unspecified

@@ -53,7 +53,8 @@ def stopped_by_sigterm(out, data, *args, at, nproc=1):
     """train.py stopped by SIGTERM to its process group, as Ctrl-C or `timeout` stop it, when it prints the log line of
     step `at`; returns what it printed after that. stdout is read as printed, with PYTHONUNBUFFERED unset as most
     environments leave it: train.py itself must send each line when it prints it, or this reads nothing until the
-    run has ended. Under torchrun the signal reaches torchrun, which passes it on to the processes."""
+    run has ended (torchrun starts its processes with `python -u`: there the one-process runs are the check). Under
+    torchrun the signal reaches torchrun, which passes it on to the processes."""
     cmd = [*(TORCHRUN if nproc == 2 else [sys.executable]), TRAIN, f"--out_dir={out}", f"--dataset={data}", *TINY,
            *args]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
@@ -320,6 +321,6 @@ def test_accuracy_scripts_run(data, tiny_ckpt):
     for script, args, says in (("shapes_accuracy.py", [tiny_ckpt, data, "3"], "exact held-out captions"),
                                ("shapes_drawn.py", [tiny_ckpt, "3"], "exact captions of drawings made by another")):
         p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], capture_output=True,
-                           text=True, cwd=ROOT)
+                           text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as TINY's threads
         assert p.returncode == 0, p.stderr[-3000:]
         assert re.match(rf"[0-3]/3 = [\d.]+% {says}", p.stdout), p.stdout
