@@ -139,11 +139,8 @@ def test_vision_top_n_opens_the_top_blocks(tmp_path, data, tiny_ckpt, top_n):
 
 
 SMALL = ["--batch_size=2", "--gradient_accumulation_steps=1"]  # steps of one micro-batch of 2 rows: quick
-SAME_LR = ["--learning_rate={0}", "--decoder_lr={0}", "--vision_lr={0}"]
-
-
-def same_lr(lr):
-    return [a.format(lr) for a in SAME_LR]
+def same_lr(lr):  # one learning rate for the projector, the decoder and the vision tower
+    return [f"--{k}={lr}" for k in ("learning_rate", "decoder_lr", "vision_lr")]
 
 
 @pytest.mark.parametrize("shard", ["ddp", "fsdp"])
@@ -169,6 +166,8 @@ def test_two_processes_step_like_one_process_with_double_accumulation(tmp_path, 
 
 
 def test_ddp_run_stopped_and_resumed_continues_the_one_process_run(tmp_path, data):
+    """2 processes stopped by SIGTERM to torchrun, then resumed on 2: every step's loss as in one process's
+    uninterrupted run."""
     common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=30", "--eval_interval=1000",
               "--gradient_accumulation_steps=2", "--batch_size=2"]
     train(tmp_path / "full", data, *common)
