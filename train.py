@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -34,6 +35,9 @@ from dataset import Mixture
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from processor import Processor, has_think
 from vision import VisionConfig
+
+# a log line goes out as printed: through a pipe (`| tee`, a job scheduler) Python would hold it in a block buffer
+sys.stdout.reconfigure(line_buffering=True)
 
 # -----------------------------------------------------------------------------
 # default config values: Stage-1 of A2 + Qwen3-VL-2B on BLIP3o, as config/stage1.py

@@ -43,7 +43,7 @@ def shapes(tmp_path_factory):
 
 def test_shapes_dataset(shapes, tmp_path):
     out, summary = shapes
-    assert summary.startswith(f"out: ") and "skipped: none" in summary
+    assert summary.startswith("out: ") and "skipped: none" in summary
     train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
     assert len(train) + len(val) == 60 and 0 < len(val) < 30
     assert f"{len(train)} train + {len(val)} val rows ({len(train)} + {len(val)} assistant turns)" in summary
