@@ -48,26 +48,59 @@ def weights(path):
     return from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
-    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
-    train(tmp_path / "full", data, *common)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
-           *TINY, *common, "--num_workers=1"]
+def children(pid):
+    """The processes whose parent is pid."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(d))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def stop_at(cmd, out, it=3, torchrun=False):
+    """Run cmd (a train.py command writing to out) and SIGTERM its whole process group once it logs step `it`, as
+    Ctrl-C or `timeout` do; torchrun's workers, each in a session of its own, too, as a cluster's scheduler signals
+    every process of a job (torchrun's own forwarding can come after a fast run's last step). Returns (exit status,
+    the output after that line, the number of steps it ran)."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                         start_new_session=True)
+                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in p.stdout:
-        if line.startswith("iter 3:"):
-            os.killpg(p.pid, signal.SIGTERM)  # the whole group, loader worker included, as Ctrl-C or `timeout` do
+        if line.startswith(f"iter {it}:"):
+            for pid in children(p.pid) if torchrun else []:
+                os.kill(pid, signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)  # the loader workers, in a group of their own, carry on
             break
     rest = p.stdout.read()
-    assert p.wait() == 0
-    stopped = json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1
-    assert "saved checkpoint" in rest and 3 < stopped < 40, rest
-    train(tmp_path / "cut", data, *common, "--init_from=resume")
-    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(cut) == list(range(40))  # every step once: nothing repeated, nothing skipped
-    for it in range(40):
+    code = p.wait()
+    return code, rest, json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])["iter"] + 1
+
+
+def assert_same_run(full, cut, n):
+    full, cut = losses(full), losses(cut)
+    assert sorted(cut) == list(range(n))  # every step once: nothing repeated, nothing skipped
+    for it in range(n):
         assert cut[it] == pytest.approx(full[it], abs=1e-6), it
+
+
+def resumed_equals_uninterrupted(tmp_path, data, common, n, cut=()):
+    """The run `common` (n steps) uninterrupted, and again (with `cut` too) stopped by SIGTERM after step 3 and
+    resumed: every step's loss equal."""
+    train(tmp_path / "full", data, *common)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
+           *TINY, *common, *cut]
+    code, rest, stopped = stop_at(cmd, tmp_path / "cut")
+    assert code == 0 and "saved checkpoint" in rest and 3 < stopped < n, rest
+    train(tmp_path / "cut", data, *common, "--init_from=resume")
+    assert_same_run(tmp_path / "full", tmp_path / "cut", n)
+
+
+def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
+    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
+    resumed_equals_uninterrupted(tmp_path, data, common, 40, cut=["--num_workers=1"])
     # another seed would silently change the data order: refused in one line
     p = train(tmp_path / "cut", data, *common, "--init_from=resume", "--seed=7", check=False)
     assert p.returncode == 2 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
@@ -129,6 +162,28 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, data
     assert any(not torch.equal(start[k], one[k]) for k in one)
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=0)
+
+
+def test_fsdp_resume_is_exact_and_reshards(tmp_path, data, tiny_ckpt):
+    """An fsdp run stopped by SIGTERM writes each process's shards of the weights and AdamW state; resumed on two
+    processes every step's loss equals the uninterrupted run's, and resumed on one (DCP reshards) too."""
+    common = ["--init_from=pretrained", f"--pretrained={tiny_ckpt}", "--stage=stage2", "--vision_top_n=1",
+              "--max_iters=10", "--eval_interval=1000", "--gradient_accumulation_steps=2", "--batch_size=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(ROOT, "train.py"), f"--dataset={data}", *TINY, *common, "--fsdp=True"]
+    train(tmp_path / "full", data, *common)  # one process: what two processes' steps equal (the DDP test above)
+    code, rest, stopped = stop_at([*torchrun, f"--out_dir={tmp_path / 'cut'}"], tmp_path / "cut", torchrun=True)
+    assert "saved checkpoint" in rest and 3 < stopped < 10, rest
+    shards = os.listdir(tmp_path / "cut" / "ckpt" / "sharded")
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(shards), shards  # each process wrote its own
+    assert torch.load(tmp_path / "cut" / "ckpt" / "train_state.pt", weights_only=False)["optimizer"] is None
+    shutil.copytree(tmp_path / "cut", tmp_path / "one")
+    p = subprocess.run([*torchrun, f"--out_dir={tmp_path / 'cut'}", "--init_from=resume"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 10)
+    train(tmp_path / "one", data, *common, "--init_from=resume")
+    assert_same_run(tmp_path / "full", tmp_path / "one", 10)
 
 
 def test_checkpoint_loads_in_artemis_vlm(tmp_path, data, tiny_ckpt):
