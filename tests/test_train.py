@@ -82,17 +82,27 @@ def weights(path):
     return from_pretrained(path, dtype=torch.float32).state_dict()
 
 
+def assert_same_run(full, cut, n, tol=1e-6):
+    full, cut = losses(full), losses(cut)
+    assert sorted(cut) == list(range(n))  # every step once: nothing repeated, nothing skipped
+    for it in range(n):
+        assert cut[it] == pytest.approx(full[it], abs=tol), it
+
+
+def resumed_equals_uninterrupted(tmp_path, data, common, n, cut=()):
+    """The run `common` (n steps) uninterrupted, and again (with `cut` too) stopped by SIGTERM after step 3 and
+    resumed: every step's loss equal."""
+    train(tmp_path / "full", data, *common)
+    rest = stopped_by_sigterm(tmp_path / "cut", data, *common, *cut, at=3)
+    stopped = json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1
+    assert 3 < stopped < n, rest
+    train(tmp_path / "cut", data, *common, "--init_from=resume")
+    assert_same_run(tmp_path / "full", tmp_path / "cut", n)
+
+
 def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
     common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
-    train(tmp_path / "full", data, *common)
-    rest = stopped_by_sigterm(tmp_path / "cut", data, *common, "--num_workers=1", at=3)
-    stopped = json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1
-    assert 3 < stopped < 40, rest
-    train(tmp_path / "cut", data, *common, "--init_from=resume")
-    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(cut) == list(range(40))  # every step once: nothing repeated, nothing skipped
-    for it in range(40):
-        assert cut[it] == pytest.approx(full[it], abs=1e-6), it
+    resumed_equals_uninterrupted(tmp_path, data, common, 40, cut=["--num_workers=1"])
     # another seed would silently change the data order: refused in one line
     p = train(tmp_path / "cut", data, *common, "--init_from=resume", "--seed=7", check=False)
     assert p.returncode == 2 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
@@ -175,10 +185,25 @@ def test_ddp_run_stopped_and_resumed_continues_the_one_process_run(tmp_path, dat
     stopped = json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1
     assert 2 < stopped < 30, rest
     train(tmp_path / "cut", data, *common, "--init_from=resume", nproc=2)
-    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(cut) == list(range(30))
-    for it in range(30):
-        assert cut[it] == pytest.approx(full[it], abs=1e-5), it
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 30, tol=1e-5)
+
+
+def test_fsdp_resume_is_exact_and_reshards(tmp_path, data, tiny_ckpt):
+    """An fsdp run stopped by SIGTERM writes each process's shards of the weights and AdamW state; resumed on two
+    processes every step's loss equals the uninterrupted run's, and resumed on one (DCP reshards) too."""
+    common = ["--init_from=pretrained", f"--pretrained={tiny_ckpt}", "--stage=stage2", "--vision_top_n=1",
+              "--max_iters=20", "--eval_interval=1000", "--gradient_accumulation_steps=2", "--batch_size=2"]
+    train(tmp_path / "full", data, *common)  # one process: what two processes' steps equal (the DDP tests above)
+    rest = stopped_by_sigterm(tmp_path / "cut", data, *common, "--fsdp=True", at=2, nproc=2)
+    assert 2 < json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1 < 20, rest
+    shards = os.listdir(tmp_path / "cut" / "ckpt" / "sharded")
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(shards), shards  # each process wrote its own
+    assert torch.load(tmp_path / "cut" / "ckpt" / "train_state.pt", weights_only=False)["optimizer"] is None
+    shutil.copytree(tmp_path / "cut", tmp_path / "one")
+    train(tmp_path / "cut", data, *common, "--fsdp=True", "--init_from=resume", nproc=2)
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 20, tol=1e-5)
+    train(tmp_path / "one", data, *common, "--init_from=resume")
+    assert_same_run(tmp_path / "full", tmp_path / "one", 20, tol=1e-5)
 
 
 def test_lr_schedule_is_warmup_then_cosine_to_min_lr_frac(tmp_path, data, tiny_ckpt):
