@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from checkpoint import from_pretrained, save_pretrained
 from model import ArtemisConfig, ArtemisVLM, TextConfig
@@ -48,13 +49,14 @@ def weights(path):
     return from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
-    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
+def cut_and_resume(tmp_path, data, common, iters):
+    """The run `common` (of `iters` steps) in full, and again stopped by SIGTERM after step 3 and resumed: asserts
+    that both saw the same loss at every step."""
     train(tmp_path / "full", data, *common)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
            *TINY, *common, "--num_workers=1"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                         start_new_session=True)
+                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines as printed
     for line in p.stdout:
         if line.startswith("iter 3:"):
             os.killpg(p.pid, signal.SIGTERM)  # the whole group, loader worker included, as Ctrl-C or `timeout` do
@@ -62,15 +64,38 @@ def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
     rest = p.stdout.read()
     assert p.wait() == 0
     stopped = json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1
-    assert "saved checkpoint" in rest and 3 < stopped < 40, rest
+    assert "saved checkpoint" in rest and 3 < stopped < iters, rest
     train(tmp_path / "cut", data, *common, "--init_from=resume")
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(cut) == list(range(40))  # every step once: nothing repeated, nothing skipped
-    for it in range(40):
+    assert sorted(cut) == list(range(iters))  # every step once: nothing repeated, nothing skipped
+    for it in range(iters):
         assert cut[it] == pytest.approx(full[it], abs=1e-6), it
+
+
+def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
+    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
+    cut_and_resume(tmp_path, data, common, 40)
     # another seed would silently change the data order: refused in one line
     p = train(tmp_path / "cut", data, *common, "--init_from=resume", "--seed=7", check=False)
     assert p.returncode == 2 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_is_exact_with_8bit_adamw_and_bf16_weights(tmp_path, data):
+    """config/stage2_single.py's optimizer (torchao's, compiled as train.py runs it) and bf16 weights: the 8-bit
+    moments and the RNG of stochastic rounding come back, and the weights the checkpoint holds are the run's own."""
+    pytest.importorskip("torchao")
+    # stage1 at width 64: the projector's matrices get 8-bit moments (4096 values), and torchao compiles its step
+    # for two shapes only, tens of seconds on a CPU the first time
+    common = ["--init_from=scratch", "--stage=stage1", "--max_iters=12", "--eval_interval=1000", "--n_embd=64",
+              "--vision_out=64", "--optimizer=adamw8bit", "--master_weights=bf16", "--dtype=bfloat16"]
+    cut_and_resume(tmp_path, data, common, 12)
+    with safe_open(tmp_path / "cut" / "ckpt" / "model.safetensors", "pt") as f:
+        assert f.get_slice("multi_modal_projector.fc1.weight").get_dtype() == "BF16"
+    full, cut = weights(tmp_path / "full" / "ckpt"), weights(tmp_path / "cut" / "ckpt")
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
+    msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", "--master_weights=fp32", check=False))
+    assert "resume with other master_weights" in msg
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +208,16 @@ def test_damaged_checkpoint_is_one_line(tmp_path, data, tiny_ckpt):
     (tmp_path / "run" / "ckpt" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     msg = one_error(train(tmp_path / "run", data, "--init_from=resume", check=False))
     assert f"{tmp_path / 'run' / 'ckpt' / 'train_state.pt'}: unreadable resume state" in msg
+
+
+def test_missing_torchao_is_one_line(tmp_path, data):
+    """torchao is imported only when chosen, and before a model loads (this one would fail to): without it, one line
+    that names it. bf16 master weights need bf16 compute: one line too."""
+    hide = "import runpy, sys; sys.modules['torchao'] = None; runpy.run_path('train.py', run_name='__main__')"
+    args = [f"--out_dir={tmp_path}", f"--dataset={data}", *TINY, "--init_from=pretrained",
+            f"--pretrained={tmp_path / 'nowhere'}"]
+    p = subprocess.run([sys.executable, "-c", hide, *args, "--optimizer=adamw8bit"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert "needs torchao (pip install torchao)" in one_error(p)
+    msg = one_error(train(tmp_path, data, "--master_weights=bf16", check=False))
+    assert "master_weights='bf16' computes in bf16: set dtype='bfloat16'" in msg
