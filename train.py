@@ -89,6 +89,8 @@ lora_dropout = 0.05
 lora_targets = ",".join(TARGETS)  # which linears of each decoder layer get adapters
 lora_base = ""  # the frozen decoder: '' in the autocast dtype (bf16 on CUDA); 'int8': quantize.py's (QLoRA-style)
 # AdamW: one learning rate per part, warmup then cosine to min_lr_frac
+optimizer = "adamw"  # 'adamw': torch's; 'adamw8bit': torchao's, moments in 8 bits (block-wise scaled)
+master_weights = "fp32"  # the trainable weights' dtype; 'bf16': torchao rounds each update stochastically
 learning_rate = 1e-3  # projector
 decoder_lr = 2e-5
 vision_lr = 2e-6
@@ -119,6 +121,17 @@ if stage not in ("stage1", "stage2"):
     die(f"stage={stage!r}, expected 'stage1' or 'stage2'")
 if train_on not in ("all", "last"):
     die(f"train_on={train_on!r}, expected 'all' or 'last'")
+if optimizer not in ("adamw", "adamw8bit"):
+    die(f"optimizer={optimizer!r}, expected 'adamw' or 'adamw8bit'")
+if master_weights not in ("fp32", "bf16"):
+    die(f"master_weights={master_weights!r}, expected 'fp32' or 'bf16'")
+if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
+    die(f"master_weights='bf16' computes in bf16: set dtype='bfloat16' (it is {dtype!r})")
+if optimizer == "adamw8bit" or master_weights == "bf16":  # torchao's optimizers; found out before a 12B model loads
+    try:
+        import torchao.optim
+    except ImportError as e:
+        die(f"optimizer={optimizer!r} with master_weights={master_weights!r} needs torchao (pip install torchao): {e}")
 for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if globals()[k] < 1:
         die(f"{k}={globals()[k]}, expected at least 1")
@@ -183,8 +196,8 @@ if steps_per_epoch == 0:
 warmup_iters = int(warmup_frac * max_iters)
 
 # model and processor -------------------------------------------------------------------------------------------
-# Frozen weights are kept in the autocast dtype (a 12B decoder in fp32 would not fit); trainable ones in fp32,
-# the optimizer's master copy.
+# Frozen weights are kept in the autocast dtype (a 12B decoder in fp32 would not fit); trainable ones in fp32 (or bf16:
+# master_weights), the optimizer's master copy.
 frozen_dtype = ptdtype
 
 
@@ -226,6 +239,7 @@ def init_model():
                 torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
             elif "norm" not in name:
                 torch.nn.init.zeros_(p)
+        model.to(frozen_dtype)  # as a loaded checkpoint is: else a resumed run's frozen weights would differ
     else:
         die(f"init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
     return model, processor, None
@@ -255,8 +269,8 @@ if lora_rank:
                    modules_to_save=["multi_modal_projector"] + (["visual"] if whole else opened),
                    base_model_name_or_path=lora_from)
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-for p in trainable.values():
-    p.data = p.data.float()  # the optimizer's master copy; a resumed run reads the saved fp32 values into it
+for p in trainable.values():  # the optimizer's master copy; a resumed run reads the saved values into it
+    p.data = p.data.to(torch.bfloat16 if master_weights == "bf16" else torch.float32)
 model.language_model.gradient_checkpointing = gradient_checkpointing
 if master:
     print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters"
@@ -287,7 +301,12 @@ for name, (module, lr) in parts.items():
         sel = [p for p in ps if (p.dim() >= 2) == decay]
         if sel:
             groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
-optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
+if optimizer == "adamw" and master_weights == "fp32":  # the config key's string; from here on, the optimizer
+    optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
+else:  # torchao steps in fp32 and rounds a bf16 weight stochastically: updates below its resolution still add up
+    # (torch's AdamW rounds them to nearest, where they vanish); _AdamW is its plain AdamW, as its README shows
+    make = torchao.optim.AdamW8bit if optimizer == "adamw8bit" else torchao.optim._AdamW
+    optimizer = make(groups, betas=(beta1, beta2), bf16_stochastic_round=master_weights == "bf16")
 params = [p for g in groups for p in g["params"]]
 
 def train_batches(start_iter):
@@ -307,7 +326,8 @@ def own_group(worker_id):
 def loader(ds, batches):
     collate = partial(processor.collate, train_on=train_on)
     # a generator of its own: each new loader draws its workers' base seed from it, never from the global RNG that
-    # LoRA dropout draws from, so a resumed run's masks are the uninterrupted run's
+    # LoRA dropout and stochastic rounding (master_weights='bf16') draw from, and a resumed run makes its loader at
+    # another step
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
                                        worker_init_fn=own_group, generator=torch.Generator().manual_seed(seed))
@@ -416,17 +436,17 @@ def save_checkpoint():
 
 
 def resume():
-    """What save_checkpoint wrote, restored: the fp32 trainable weights, optimizer, RNG; returns (iter_num,
+    """What save_checkpoint wrote, restored: the trainable master weights, optimizer, RNG; returns (iter_num,
     best_val_loss). The data order and the lr schedule are functions of the step and the config keys checked here."""
     try:  # under fsdp the weights come sharded, below (`trainable` holds the tensors from before sharding)
         state, exact = load_train_state(ckpt_dir, {} if fsdp else trainable, device)
     except (ValueError, FileNotFoundError) as e:
         die(f"init_from='resume': {e}")
-    was = state["config"]
+    was = {"lora_rank": 0, "optimizer": "adamw", "master_weights": "fp32", **state["config"]}  # runs before the keys
     keys = ["dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage", "warmup_frac",
-            "vision_top_n", "length_window", "lora_rank"]
+            "vision_top_n", "length_window", "lora_rank", "optimizer", "master_weights"]
     keys += ["lora_alpha", "lora_targets", "lora_base"] if lora_rank else []
-    changed = [k for k in keys if was.get(k, 0 if k == "lora_rank" else None) != config[k]]  # runs before LoRA: 0
+    changed = [k for k in keys if was.get(k) != config[k]]
     if changed:
         die(f"resume with other {', '.join(changed)} than the run in {ckpt_dir} "
             f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
@@ -441,7 +461,7 @@ def resume():
     else:
         with torch.no_grad():
             for n, p in trainable.items():
-                p.copy_(exact[n])  # the saved fp32 master weights themselves, not their rounding to frozen_dtype
+                p.copy_(exact[n])  # the saved master weights (read in fp32), not their rounding to frozen_dtype
         optimizer.load_state_dict(state["optimizer"])
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process since sharded resume
     rng = rngs[rank] if len(rngs) == world else rngs[0]
@@ -485,7 +505,10 @@ while True:
         stop_requested = bool(flag.item())
     lr_mult = get_lr(iter_num)
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * lr_mult
+        if torch.is_tensor(g["lr"]):  # torchao's: a tensor, filled in place, so a new value does not recompile
+            g["lr"].fill_(g["base_lr"] * lr_mult)
+        else:
+            g["lr"] = g["base_lr"] * lr_mult
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val_loss, val_losses = estimate_loss()

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from checkpoint import from_pretrained, save_pretrained
 from model import ArtemisConfig, ArtemisVLM, TextConfig
@@ -106,6 +107,24 @@ def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
     # another seed would silently change the data order: refused in one line
     p = train(tmp_path / "cut", data, *common, "--init_from=resume", "--seed=7", check=False)
     assert p.returncode == 2 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_is_exact_with_8bit_adamw_and_bf16_weights(tmp_path, data):
+    """config/stage2_single.py's optimizer (torchao's, compiled as train.py runs it) and bf16 weights: the 8-bit
+    moments and the RNG of stochastic rounding come back, and the weights the checkpoint holds are the run's own."""
+    pytest.importorskip("torchao")
+    # stage1 at width 64: the projector's matrices get 8-bit moments (4096 values), and torchao compiles its step
+    # for two shapes only, tens of seconds on a CPU the first time
+    common = ["--init_from=scratch", "--stage=stage1", "--max_iters=12", "--eval_interval=1000", "--n_embd=64",
+              "--vision_out=64", "--optimizer=adamw8bit", "--master_weights=bf16", "--dtype=bfloat16"]
+    resumed_equals_uninterrupted(tmp_path, data, common, 12, cut=["--num_workers=1"])
+    with safe_open(tmp_path / "cut" / "ckpt" / "model.safetensors", "pt") as f:
+        assert f.get_slice("multi_modal_projector.fc1.weight").get_dtype() == "BF16"
+    full, cut = weights(tmp_path / "full" / "ckpt"), weights(tmp_path / "cut" / "ckpt")
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
+    msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", "--master_weights=fp32", check=False))
+    assert "resume with other master_weights" in msg
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +367,16 @@ def test_accuracy_scripts_run(data, tiny_ckpt):
                            text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as TINY's threads
         assert p.returncode == 0, p.stderr[-3000:]
         assert re.match(rf"[0-3]/3 = [\d.]+% {says}", p.stdout), p.stdout
+
+
+def test_missing_torchao_is_one_line(tmp_path, data):
+    """torchao is imported only when chosen, and before a model loads (this one would fail to): without it, one line
+    that names it. bf16 master weights need bf16 compute: one line too."""
+    hide = "import runpy, sys; sys.modules['torchao'] = None; runpy.run_path('train.py', run_name='__main__')"
+    args = [f"--out_dir={tmp_path}", f"--dataset={data}", *TINY, "--init_from=pretrained",
+            f"--pretrained={tmp_path / 'nowhere'}"]
+    p = subprocess.run([sys.executable, "-c", hide, *args, "--optimizer=adamw8bit"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert "needs torchao (pip install torchao)" in one_error(p)
+    msg = one_error(train(tmp_path, data, "--master_weights=bf16", check=False))
+    assert "master_weights='bf16' computes in bf16: set dtype='bfloat16'" in msg
