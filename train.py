@@ -396,6 +396,29 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
+
+
+def trim_metrics(path, upto):
+    """Resuming at step `upto`: the rows of the steps it goes through again (eval rows of step upto included) leave
+    metrics.jsonl, and so does a last line a kill cut short, swapped in at once."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        *lines, _ = f.read().split("\n")  # what follows the last newline was cut short
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] < upto:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+if master and init_from == "resume":
+    trim_metrics(os.path.join(out_dir, "metrics.jsonl"), iter_num)
 metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
 

@@ -73,6 +73,30 @@ def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
     assert p.returncode == 2 and "resume with other seed" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_resume_after_a_kill_keeps_one_row_per_step(tmp_path, data):
+    """Killed (no save on the way out) after its checkpoint at iter 8, with a metrics line cut in half: the resumed run
+    goes through steps 8-11 again, and metrics.jsonl holds each step's row once, as the uninterrupted run's."""
+    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=16", "--eval_interval=8"]
+    train(tmp_path / "full", data, *common)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
+           *TINY, *common]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                         start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("iter 11: loss"):
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+    p.wait()
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 12, "lo')  # a write the kill cut short
+    train(tmp_path / "cut", data, *common, "--init_from=resume")
+    rows = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["iter"] for r in rows if "loss" in r] == list(range(16))
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 8, 16]
+    full = losses(tmp_path / "full")
+    assert all(r["loss"] == pytest.approx(full[r["iter"]], abs=1e-6) for r in rows if "loss" in r)
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, data):
     """A random tiny graft with the shapes tokenizer, as init_from='pretrained' expects."""
