@@ -4,8 +4,8 @@ resized by Processor.resize (what the model sees, so training never decodes full
 a held-out val by a stable hash of each sample's key (re-runs and resumes agree on it).
 
   python prepare.py --dataset=shapes                  # offline demo: captioned synthetic shapes + its own tokenizer
-  python prepare.py --dataset=drawings                # the same captions on shapes varied as people draw them
-  python prepare.py --dataset=drawings --captions=shape   # ...captioned "a small circle." (data/drawings-shape)
+  python prepare.py --dataset=drawings                # the same captions on shapes varied as people draw them,
+                                                      # and captioned "a small circle." in data/drawings-shape
   python prepare.py --dataset=tars --src='blip3o/*.tar' --tokenizer=ckpt/A3        # Stage 1: image + caption shards
   python prepare.py --dataset=chat --src=mix.jsonl --image_root=imgs --tokenizer=ckpt/A3   # Stage 2 chat rows
   python prepare.py --dataset=llava --src=llava_v1_5_mix665k.json --image_root=imgs --tokenizer=ckpt/A3
@@ -20,8 +20,10 @@ llava: .json/.jsonl rows with "image" and "conversations" of {"from": human/gpt,
 shapes: "a small red circle on a white background." style captions of generated 96x96 images (9 vision tokens each),
   with a byte-level BPE tokenizer and ChatML template saved next to the data, so Processor.from_pretrained(out_dir)
   works and a tiny model trained from scratch can learn it on a CPU.
-drawings: the same captions and tokenizer on shapes varied as people's drawings in a paint program are (canvas size
-  and aspect, place, shade, size, anti-aliasing, JPEG), stored at most 48x48 px: 4-px patches, 4-36 vision tokens.
+drawings: the same captions and tokenizer on shapes varied as people's drawings in a paint program are (filled or
+  outlined, proportions, canvas size and aspect, place, shade, size, anti-aliasing, JPEG), stored at most 48x48 px:
+  4-px patches, 4-36 vision tokens. One run writes them twice, with the full captions into data/drawings and with size
+  and shape alone into data/drawings-shape (--captions=full,shape), for the demo's two training runs.
 
 Rows longer than max_seq_len tokens (chat template rendered as Processor.collate renders it, image pads expanded)
 are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary,
@@ -156,7 +158,7 @@ def shapes(indices, seed, image_size, prompt):
 SHADES = {'red': (-12, 10, 0.55), 'orange': (20, 40, 0.75), 'yellow': (48, 64, 0.75), 'green': (95, 150, 0.45),
           'blue': (205, 245, 0.5), 'purple': (270, 305, 0.45)}
 GRAYS = {'white': (225, 255), 'black': (0, 32), 'gray': (96, 170)}
-EXTENTS = {'small': (0.25, 0.5), 'large': (0.62, 0.92)}
+EXTENTS = {'small': (0.3, 0.5), 'large': (0.62, 0.92)}
 CIRCLE = [(math.cos(k * math.pi / 60), math.sin(k * math.pi / 60)) for k in range(120)]
 
 
@@ -191,12 +193,13 @@ def inset(pts, d):
 
 
 def drawings(indices, seed, prompt, image_size):
-    """One shape per canvas, varied as people's drawings are: filled, or outlined by a stroke of 1-3 px; canvases square
-    or up to 2:1 either way, of 0.7-4x the side the processor keeps (image_size**2 pixels), so that its bicubic resize blurs and aliases them as it does a person's file; a continuous size within each size
-    word; a shade of the color word; a little squashed and turned; anywhere on the canvas; hard-edged or anti-aliased
-    (drawn 2x or 4x and reduced); 40% saved as JPEG. Stored at most 48x48 px, a small shape spans 6-24 px: 4-px
-    patches tell its outline apart where 8-px ones (at 64 px) left a tiny ViT at half the accuracy after as many
-    steps. Each is drawn at the size it is stored at, or a few times more: never a 1600-px canvas to make 48 px."""
+    """One shape per canvas, varied as people's drawings are: filled, or outlined by a stroke of 1.2-3 px; canvases
+    square or up to 2:1 either way, of 0.7-4x the side the processor keeps (image_size**2 pixels), so that its bicubic
+    resize blurs and aliases them as it does a person's file; a continuous size within each size word; a shade of the
+    color word; a little squashed and turned; anywhere on the canvas; hard-edged or anti-aliased (drawn 2x or 4x and
+    reduced); 40% saved as JPEG. Stored at most 48x48 px, a small shape spans 7-24 px: 4-px patches tell its outline
+    apart where 8-px ones (at 64 px) left a tiny ViT at half the accuracy after as many steps. Each is drawn at about
+    the size it is kept at: never a 1600-px canvas to make 48 px."""
     for i in indices:
         r = random.Random(f"{seed}-{i}")
         shape, color = r.choice(SHAPES), r.choice(list(SHADES))
@@ -226,8 +229,8 @@ def drawings(indices, seed, prompt, image_size):
         pts = [((cx + x) * k, (cy + y) * k) for x, y in pts]
         ink = tuple(round(255 * v) for v in rgb)
         ImageDraw.Draw(im).polygon(pts, fill=ink)
-        if r.random() < 0.4:  # an outline: a stroke of 1-3 px where the processor keeps it, inside the shape's edge
-            stroke = k * min(r.uniform(1, 3) * side / image_size, 0.2 * s)
+        if r.random() < 0.4:  # an outline: a stroke of 1.2-3 px where the processor keeps it (at most 15% of the
+            stroke = k * min(r.uniform(1.2, 3) * side / image_size, 0.3 * s)  # extent), inside the shape's edge
             ImageDraw.Draw(im).polygon(inset(pts, stroke), fill=back)
         im = im.resize((w, h), Image.BOX) if k > 1 else im
         if r.random() < 0.4:

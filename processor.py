@@ -361,7 +361,7 @@ class Processor:
             out[ends[k] - n:ends[k]] = y  # broadcast: the frame repeated on the temporal axis
 
         # PIL's resize and numpy's loops release the GIL, so images run side by side, one per intra-op thread; in line
-        # where there is one of either (a data loader worker keeps a single thread): a pool costs more than a small image
+        # where there is one image or one thread (a data loader worker's): a pool costs more than a small image
         workers = min(len(images), torch.get_num_threads())
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:

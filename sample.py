@@ -11,7 +11,7 @@ image of a folder written as JSON lines.
     python sample.py --image="photos/*.jpg" --batch_size=16                 # a glob is a folder run too
 
 Options are the globals below; override them on the command line or in a config file (configurator.py).
-With no --init_from it uses the demo's checkpoint: out-drawings/ckpt (README's first command), else out-shapes/ckpt. A prompt run prints a summary line
+No --init_from: out-drawings/ckpt (README's first command), else out-shapes/ckpt. A prompt run prints a summary line
 (prompt and image tokens, time to first token, decode speed) to stderr after each sample, so stdout holds only the
 text. A folder run (--image names a directory or a glob; a file or a comma-separated list of files is one prompt)
 captions each image on its own, --batch_size at a time, with a progress bar on stderr. It writes one line

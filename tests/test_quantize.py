@@ -145,7 +145,8 @@ def test_scripts_quantize_sample_and_refuse_to_train(tmp_path):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"mine")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for out, expect in ((src, "new directory"), (tmp_path / "out", "new directory"),
-                        (tmp_path / "out" / "ckpt" / "sub", "new directory"), (tmp_path / "photos", "not a checkpoint")):
+                        (tmp_path / "out" / "ckpt" / "sub", "new directory"),
+                        (tmp_path / "photos", "not a checkpoint")):
         msg = one_error(script("quantize.py", f"--init_from={tmp_path / 'out'}", f"--out_dir={out}"))
         assert "--out_dir" in msg and expect in msg, msg
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -48,19 +48,25 @@ def weights(path):
     return from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
-    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
-    train(tmp_path / "full", data, *common)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
-           *TINY, *common, "--num_workers=1"]
+def interrupted(out, data, args, at, sig):
+    """A training run sent sig at its line starting with `at`, to its whole process group (as Ctrl-C or `timeout`
+    do): (exit status, what it printed after)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", f"--dataset={data}", *TINY, *args]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
                          start_new_session=True)
     for line in p.stdout:
-        if line.startswith("iter 3:"):
-            os.killpg(p.pid, signal.SIGTERM)  # the whole group, loader worker included, as Ctrl-C or `timeout` do
+        if line.startswith(at):
+            os.killpg(p.pid, sig)
             break
     rest = p.stdout.read()
-    assert p.wait() == 0
+    return p.wait(), rest
+
+
+def test_resume_after_sigterm_continues_the_same_run(tmp_path, data):
+    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=40", "--eval_interval=1000"]
+    train(tmp_path / "full", data, *common)
+    rc, rest = interrupted(tmp_path / "cut", data, [*common, "--num_workers=1"], "iter 3:", signal.SIGTERM)
+    assert rc == 0
     stopped = json.loads(open(tmp_path / "cut" / "metrics.jsonl").readlines()[-1])["iter"] + 1
     assert "saved checkpoint" in rest and 3 < stopped < 40, rest
     train(tmp_path / "cut", data, *common, "--init_from=resume")
@@ -78,15 +84,7 @@ def test_resume_after_a_kill_keeps_one_row_per_step(tmp_path, data):
     goes through steps 8-11 again, and metrics.jsonl holds each step's row once, as the uninterrupted run's."""
     common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=16", "--eval_interval=8"]
     train(tmp_path / "full", data, *common)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'cut'}", f"--dataset={data}",
-           *TINY, *common]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                         start_new_session=True)
-    for line in p.stdout:
-        if line.startswith("iter 11: loss"):
-            os.killpg(p.pid, signal.SIGKILL)
-            break
-    p.wait()
+    interrupted(tmp_path / "cut", data, common, "iter 11: loss", signal.SIGKILL)
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"iter": 12, "lo')  # a write the kill cut short
     train(tmp_path / "cut", data, *common, "--init_from=resume")
