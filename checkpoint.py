@@ -337,6 +337,7 @@ DEMOS = ("out-drawings", "out-shapes")  # load('')'s default: the demo README's 
 DEMO_COMMAND = ("python prepare.py --dataset=drawings && python train.py config/drawings_shape.py && python train.py "
                 "config/drawings.py")
 
+
 def load(init_from, device="cpu", dtype="", min_pixels=None, max_pixels=None):
     """(model in eval mode, processor) from a checkpoint dir, a training out_dir or a hub id (fetched once for both);
     '' is the demo README's first command trains (out-drawings), else the shapes demo's (out-shapes). dtype '' is

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import from_parts, from_pretrained, load_train_state, resolve, save_train_state
+from checkpoint import check_save, from_parts, from_pretrained, load_train_state, resolve, save_train_state
 from configurator import configure, die
 from dataset import Mixture
 from model import ArtemisConfig, ArtemisVLM, TextConfig
@@ -136,6 +136,10 @@ autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_
 if master:
     os.makedirs(out_dir, exist_ok=True)
 ckpt_dir = os.path.join(out_dir, "ckpt")
+try:  # now, not at the first save after hours of training
+    check_save(ckpt_dir)
+except ValueError as e:
+    die(f"out_dir={out_dir!r}: {e}")
 
 # data -------------------------------------------------------------------------------------------------------------
 try:  # before a 12B model loads for nothing

@@ -205,3 +205,9 @@ def test_damaged_checkpoint_is_one_line(tmp_path, data, tiny_ckpt):
     (tmp_path / "run" / "ckpt" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     msg = one_error(train(tmp_path / "run", data, "--init_from=resume", check=False))
     assert f"{tmp_path / 'run' / 'ckpt' / 'train_state.pt'}: unreadable resume state" in msg
+    # a ckpt folder of the user's where the checkpoint goes: refused before training, and left as it was
+    (tmp_path / "mine" / "ckpt").mkdir(parents=True)
+    (tmp_path / "mine" / "ckpt" / "notes.txt").write_text("keep me")
+    msg = one_error(train(tmp_path / "mine", data, "--init_from=pretrained", f"--pretrained={tiny_ckpt}", check=False))
+    assert "out_dir=" in msg and "not a checkpoint" in msg
+    assert os.listdir(tmp_path / "mine" / "ckpt") == ["notes.txt"]
