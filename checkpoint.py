@@ -17,7 +17,10 @@ adapted weight plus (lora_alpha / r) B A, added one tensor at a time as the base
 """
 import json
 import os
+import re
 import shutil
+import types
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
@@ -67,11 +70,15 @@ def resolve(path):
         return path.rstrip("/") + ".old"
     if os.path.exists(path):
         raise ValueError(f"{path}: is a file, expected a checkpoint directory or a hub repo id")
+    # a hub id is NAME or OWNER/NAME; a path that cannot be one, or that starts in a local directory, is a local path
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith(".") or os.path.isdir(path.split("/")[0]):
+        raise FileNotFoundError(f"{path}: no such directory, expected a checkpoint directory, a training out_dir "
+                                "or a hub repo id")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
     except Exception as e:
-        raise ValueError(f"{path}: not a local directory, and fetching it from the hub failed "
+        raise ValueError(f"{path}: no such local directory, and fetching it as a hub repo id failed "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -79,16 +86,46 @@ def read_config(path):
     """The ArtemisConfig of an artemis-vlm checkpoint directory and its config.json as read."""
     d = read_json(os.path.join(path, "config.json"))
     where = f"{path}/config.json"
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: holds a JSON {type(d).__name__}, expected an object of config keys")
     if d.get("model_type") != "artemis_vlm":
         raise ValueError(f"{where}: model_type {d.get('model_type')!r}, expected 'artemis_vlm'")
     if d.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError(f"{where}: projector_hidden_act {d['projector_hidden_act']!r}, expected 'gelu'")
-    if (d.get("quantization") or {}).get("method") not in (None, "int8"):
-        raise ValueError(f"{where}: quantization method {d['quantization'].get('method')!r}, expected 'int8'")
+    q = d.get("quantization") or {}
+    if not isinstance(q, dict) or q.get("method") not in (None, "int8"):
+        raise ValueError(f"{where}: quantization {q!r}, expected {{\"method\": \"int8\", ...}} or none")
+    for key, cls in (("text_config", TextConfig), ("vision_config", VisionConfig)):
+        check_fields(cls, d.get(key), f"{where}: {key}")
+    for key in ("image_token_id", "video_token_id"):
+        if key in d and not (type(d[key]) is int and d[key] >= 0):
+            raise ValueError(f"{where}: {key} is {d[key]!r}, expected a token id (a whole number, at least 0)")
     try:
         return ArtemisConfig.from_dict(d), d
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{where}: not an artemis_vlm config ({e})") from None
+
+
+def check_fields(cls, d, where):
+    """Each key of config section d that names a field of the dataclass cls holds a value of that field's type; the
+    shape fields (sizes, counts) are whole numbers of at least 1, ids at least 0, head_dim 0 (derived) or more."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} is {d!r}, expected an object of config keys")
+    for f in fields(cls):
+        v = d.get(f.name)
+        if v is None:
+            continue  # absent or null: the field's default, or None where it allows it
+        kinds = tuple(t for t in (f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,))
+                      if t is not type(None))
+        ok = type(v) in kinds or (float in kinds and type(v) is int)  # bool is not taken for an int, nor int for bool
+        least = 0 if f.name.endswith("_id") or f.name == "head_dim" else 1
+        if ok and type(v) is int and int in kinds and v < least:
+            ok, kinds = False, (f"a whole number of at least {least}",)
+        if not ok:
+            names = " or ".join(k if isinstance(k, str) else {"int": "a whole number", "float": "a number",
+                                                               "bool": "true or false", "str": "a string",
+                                                               "list": "a list"}[k.__name__] for k in kinds)
+            raise ValueError(f"{where}: {f.name} is {v!r}, expected {names}")
 
 
 def read_tensors(path, rename, dtype, device, weights="model.safetensors"):
@@ -211,7 +248,8 @@ def save_pretrained(model, path, max_shard_size=5 * 2**30, write_extra=None, sta
     """config.json + safetensors in the artemis-vlm layout, sharded above max_shard_size bytes with an index.
     Written into `path.tmp` and renamed over `path`, so an interrupted save never leaves a checkpoint that
     looks complete. write_extra(tmp_dir) adds files (tokenizer, resume state) inside the same swap;
-    state_dict replaces model.state_dict() (a gathered FSDP one)."""
+    state_dict replaces model.state_dict() (a gathered FSDP one). A save replaces only what a save wrote: a path,
+    path.tmp or path.old that holds anything else is a ValueError, before anything is written."""
     sd = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     if model.config.text.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight")  # transformers re-ties it from embed_tokens
@@ -238,9 +276,35 @@ def save_pretrained(model, path, max_shard_size=5 * 2**30, write_extra=None, sta
     swap_in(tmp, path, write_extra)
 
 
+def check_save(path):
+    """(path.tmp, path.old), once each of the three a save to path replaces is absent, an empty directory or a
+    checkpoint directory (a config.json of model_type artemis_vlm, or a LoRA run's adapter_config.json, as a save
+    writes them first): a save never deletes a user's folder or file. A ValueError that names it otherwise."""
+    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+    for p in (path, tmp, old):
+        if not os.path.lexists(p):
+            continue
+        if os.path.islink(p) or not os.path.isdir(p):
+            raise ValueError(f"{p}: exists and is not a checkpoint directory, and a save to {path} would replace it; "
+                             "give another path, or move it away")
+        ours = False
+        for name, key, want in (("config.json", "model_type", "artemis_vlm"), (ADAPTER_CONFIG, "peft_type", "LORA")):
+            try:
+                with open(os.path.join(p, name)) as f:
+                    ours = ours or json.load(f).get(key) == want
+            except (OSError, ValueError, AttributeError):
+                pass
+        if not ours and os.listdir(p):
+            raise ValueError(f"{p}: holds files that are not a checkpoint (no config.json of model_type "
+                             f"'artemis_vlm', no LoRA adapter_config.json), and a save to {path} would replace them; "
+                             "give another path, or move them away")
+    return tmp, old
+
+
 def fresh_tmp(path):
-    """An empty `path.tmp`, where a checkpoint is written before swap_in makes it `path`."""
-    tmp = path.rstrip("/") + ".tmp"
+    """An empty `path.tmp`, where a checkpoint is written before swap_in makes it `path`, once check_save found
+    nothing there that a save did not write."""
+    tmp, _ = check_save(path)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
@@ -419,23 +483,38 @@ def load_sharded(path, model, optimizer):
 # ----------------------------------------------------------------------------------------------
 # inference: the model options sample.py and serve.py share
 
+DEMOS = ("out-drawings", "out-shapes")  # load('')'s default: the demo README's first command trains, else the quicker
+DEMO_COMMAND = ("python prepare.py --dataset=drawings && python train.py config/drawings_shape.py && python train.py "
+                "config/drawings.py")
+
+
 def load(init_from, device="cpu", dtype="", min_pixels=None, max_pixels=None):
     """(model in eval mode, processor) from a checkpoint dir, a training out_dir or a hub id (fetched once for both);
-    '' is the shapes demo's out_dir. dtype '' is bfloat16 on CUDA, float32 on a CPU. A bad option is a ValueError
-    that names it."""
+    '' is the demo README's first command trains (out-drawings), else the shapes demo's (out-shapes). dtype '' is
+    bfloat16 on CUDA, float32 on a CPU. A bad option is a ValueError that names it."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={device}: CUDA is not available here (torch {torch.__version__}); use --device=cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
+    for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if v is not None and (type(v) is not int or v < 1):
+            raise ValueError(f"--{k}={v}: expected a whole number of pixels, at least 1")
     if not init_from:
-        if not os.path.isdir(os.path.join("out-shapes", "ckpt")):
-            raise ValueError("no model: train the shapes demo with `python prepare.py --dataset=shapes && python "
-                             "train.py config/shapes.py`, or pass --init_from=<checkpoint dir or hub id>")
-        init_from = "out-shapes"
+        init_from = next((d for d in DEMOS if os.path.isdir(os.path.join(d, "ckpt"))), None)
+        if init_from is None:
+            raise ValueError(f"no model: train the demo with README's first command (`{DEMO_COMMAND}`), or pass "
+                             "--init_from=<checkpoint dir, training out_dir or hub id>")
     try:
         path = resolve(init_from)
         model = from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
-        return model, Processor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+        processor = Processor.from_pretrained(path)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--init_from: {e}") from None
+    lo, hi = min_pixels or processor.min_pixels, max_pixels or processor.max_pixels
+    if lo > hi:  # against each other, or against the checkpoint's other limit
+        raise ValueError(f"--min_pixels={lo} is above --max_pixels={hi}" if min_pixels and max_pixels else
+                         f"--min_pixels={lo} is above the checkpoint's max_pixels={hi}" if min_pixels else
+                         f"--max_pixels={hi} is below the checkpoint's min_pixels={lo}")
+    processor.min_pixels, processor.max_pixels = lo, hi
+    return model, processor

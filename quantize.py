@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from checkpoint import copy_side_files, from_pretrained, int8_targets, nbytes, resolve, save_pretrained
+from checkpoint import check_save, copy_side_files, from_pretrained, int8_targets, nbytes, resolve, save_pretrained
 from configurator import configure, die
 from model import Int8Linear
 
@@ -58,8 +58,18 @@ def main():
         die("expected --init_from=<checkpoint dir, training out_dir or hub id> and --out_dir=<new dir>")
     try:
         src = resolve(init_from)
-        if os.path.realpath(src) == os.path.realpath(out_dir):
-            die(f"--out_dir={out_dir}: is the checkpoint being quantized; give a new directory")
+    except (ValueError, FileNotFoundError) as e:
+        die(f"--init_from: {e}")
+    out = os.path.realpath(out_dir)
+    for s in {os.path.realpath(p) for p in (src, init_from) if os.path.exists(p)}:  # init_from: a training out_dir
+        if os.path.commonpath([out, s]) in (out, s):  # the same, inside it, or holding it
+            die(f"--out_dir={out_dir}: is, holds or lies inside the checkpoint being quantized ({init_from}); "
+                "give a new directory")
+    try:  # before the weights load
+        check_save(out_dir)
+    except ValueError as e:
+        die(f"--out_dir: {e}")
+    try:
         model = from_pretrained(src)  # in its own dtype: the scales keep it
     except (ValueError, FileNotFoundError) as e:
         die(f"--init_from: {e}")

@@ -11,7 +11,7 @@ image of a folder written as JSON lines.
     python sample.py --image="photos/*.jpg" --batch_size=16                 # a glob is a folder run too
 
 Options are the globals below; override them on the command line or in a config file (configurator.py).
-With no --init_from it uses the shapes demo's checkpoint, out-shapes/ckpt. A prompt run prints a summary line
+No --init_from: out-drawings/ckpt (README's first command), else out-shapes/ckpt. A prompt run prints a summary line
 (prompt and image tokens, time to first token, decode speed) to stderr after each sample, so stdout holds only the
 text. A folder run (--image names a directory or a glob; a file or a comma-separated list of files is one prompt)
 captions each image on its own, --batch_size at a time through engine.py's continuous batching (an image takes the
@@ -197,6 +197,10 @@ def sample_prompt(model, processor, decode_one, images):
 def main():
     if max_new_tokens < 1:
         die(f"--max_new_tokens={max_new_tokens}: expected at least 1")
+    if not temperature >= 0:  # a number, by its default's type; NaN fails too
+        die(f"--temperature={temperature}: expected 0 (greedy) or more")
+    if num_samples < 1:
+        die(f"--num_samples={num_samples}: expected at least 1")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         die(f"--top_k={top_k}: expected a whole number of at least 1")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (from_parts, from_pretrained, load_sharded, load_train_state, read_adapter_config, resolve,
-                        save_sharded, save_train_state)
+from checkpoint import (check_save, from_parts, from_pretrained, load_sharded, load_train_state, read_adapter_config,
+                        resolve, save_sharded, save_train_state)
 from configurator import configure, die
 from dataset import Mixture
 from lora import TARGETS, apply_lora
@@ -177,6 +177,10 @@ autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_
 if master:
     os.makedirs(out_dir, exist_ok=True)
 ckpt_dir = os.path.join(out_dir, "ckpt")
+try:  # now, not at the first save after hours of training
+    check_save(ckpt_dir)
+except ValueError as e:
+    die(f"out_dir={out_dir!r}: {e}")
 
 # data -------------------------------------------------------------------------------------------------------------
 try:  # before a 12B model loads for nothing
@@ -486,6 +490,29 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
+
+
+def trim_metrics(path, upto):
+    """Resuming at step `upto`: the rows of the steps it goes through again (eval rows of step upto included) leave
+    metrics.jsonl, and so does a last line a kill cut short, swapped in at once."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        *lines, _ = f.read().split("\n")  # what follows the last newline was cut short
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] < upto:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+if master and init_from == "resume":
+    trim_metrics(os.path.join(out_dir, "metrics.jsonl"), iter_num)
 metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
 

@@ -333,12 +333,32 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not torch.equal(again.multi_modal_projector.fc1.bias, model.multi_modal_projector.fc1.bias)
 
 
+def test_a_save_never_deletes_what_it_did_not_write(tmp_path):
+    _, path = artemis_reference(tmp_path)
+    model = from_pretrained(path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    (tmp_path / "ckpt.old").mkdir()  # where a save parks the checkpoint it replaces
+    (tmp_path / "ckpt.old" / "notes.txt").write_text("and me")
+    for target in ("mine", "file", "ckpt"):
+        with pytest.raises(ValueError, match="a save to .* would replace"):
+            save_pretrained(model, str(tmp_path / target))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and os.listdir(tmp_path / "mine") == ["notes.txt"]
+    assert (tmp_path / "file").read_text() == "keep me too" and (tmp_path / "ckpt.old" / "notes.txt").exists()
+    assert not os.path.exists(tmp_path / "ckpt") and not os.path.exists(tmp_path / "ckpt.tmp")
+    (tmp_path / "empty").mkdir()
+    save_pretrained(model, str(tmp_path / "empty"))  # an empty folder, then its own checkpoint: replaced
+    save_pretrained(model, str(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     from huggingface_hub import constants  # read once at import: setting HF_HUB_OFFLINE now would change nothing
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
-    with pytest.raises(ValueError, match=r"no-such-org/no-such-graft: not a local directory, and fetching it from the "
-                                         r"hub failed \(LocalEntryNotFoundError: .*outgoing traffic has been disabled"):
+    want = r"no-such-org/no-such-graft: no such local directory, and fetching it as a hub repo id failed \("
+    with pytest.raises(ValueError, match=want + r"LocalEntryNotFoundError: .*outgoing traffic has been disabled"):
         from_pretrained("no-such-org/no-such-graft")
 
 

@@ -50,23 +50,29 @@ def train(out, data, *args, check=True, script=TRAIN, nproc=1, env=None):
     return p
 
 
-def stopped_by_sigterm(out, data, *args, at, nproc=1):
-    """train.py stopped by SIGTERM to its process group, as Ctrl-C or `timeout` stop it, when it prints the log line of
-    step `at`; returns what it printed after that. stdout is read as printed, with PYTHONUNBUFFERED unset as most
-    environments leave it: train.py itself must send each line when it prints it, or this reads nothing until the
-    run has ended (torchrun starts its processes with `python -u`: there the one-process runs are the check). Under
-    torchrun the signal reaches torchrun, which passes it on to the processes."""
+def interrupted(out, data, *args, at, sig=signal.SIGTERM, nproc=1):
+    """train.py sent sig, to its process group as Ctrl-C or `timeout` send it, when it prints a line starting with
+    `at`: (exit status, what it printed after that line). stdout is read as printed, with PYTHONUNBUFFERED unset as
+    most environments leave it: train.py itself must send each line when it prints it, or this reads nothing until
+    the run has ended (torchrun starts its processes with `python -u`: there the one-process runs are the check).
+    Under torchrun the signal reaches torchrun, which passes it on to the processes."""
     cmd = [*(TORCHRUN if nproc == 2 else [sys.executable]), TRAIN, f"--out_dir={out}", f"--dataset={data}", *TINY,
            *args]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env,
                          start_new_session=True)
     for line in p.stdout:
-        if line.startswith(f"iter {at}:"):
-            os.killpg(p.pid, signal.SIGTERM)  # the whole group, loader workers included
+        if line.startswith(at):
+            os.killpg(p.pid, sig)  # the whole group, loader workers included
             break
     rest = p.stdout.read()
-    code = p.wait()
+    return p.wait(), rest
+
+
+def stopped_by_sigterm(out, data, *args, at, nproc=1):
+    """train.py stopped by SIGTERM at the log line of step `at`, having saved its checkpoint on the way out; returns
+    what it printed after that line."""
+    code, rest = interrupted(out, data, *args, at=f"iter {at}:", nproc=nproc)
     assert nproc == 2 or code == 0, code  # torchrun reports the signal it was stopped by in its status
     assert "saved checkpoint" in rest, rest
     return rest
@@ -125,6 +131,22 @@ def test_resume_is_exact_with_8bit_adamw_and_bf16_weights(tmp_path, data):
         assert torch.equal(full[k], cut[k]), k
     msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", "--master_weights=fp32", check=False))
     assert "resume with other master_weights" in msg
+
+
+def test_resume_after_a_kill_keeps_one_row_per_step(tmp_path, data):
+    """Killed (no save on the way out) after its checkpoint at iter 8, with a metrics line cut in half: the resumed run
+    goes through steps 8-11 again, and metrics.jsonl holds each step's row once, as the uninterrupted run's."""
+    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=16", "--eval_interval=8"]
+    train(tmp_path / "full", data, *common)
+    interrupted(tmp_path / "cut", data, *common, at="iter 11: loss", sig=signal.SIGKILL)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 12, "lo')  # a write the kill cut short
+    train(tmp_path / "cut", data, *common, "--init_from=resume")
+    rows = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["iter"] for r in rows if "loss" in r] == list(range(16))
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 8, 16]
+    full = losses(tmp_path / "full")
+    assert all(r["loss"] == pytest.approx(full[r["iter"]], abs=1e-6) for r in rows if "loss" in r)
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +378,12 @@ def test_damaged_checkpoint_is_one_line(tmp_path, data, tiny_ckpt):
     (tmp_path / "run" / "ckpt" / "train_state.pt").write_bytes(b"PK\x03\x04 cut short")
     msg = one_error(train(tmp_path / "run", data, "--init_from=resume", check=False))
     assert f"{tmp_path / 'run' / 'ckpt' / 'train_state.pt'}: unreadable resume state" in msg
+    # a ckpt folder of the user's where the checkpoint goes: refused before training, and left as it was
+    (tmp_path / "mine" / "ckpt").mkdir(parents=True)
+    (tmp_path / "mine" / "ckpt" / "notes.txt").write_text("keep me")
+    msg = one_error(train(tmp_path / "mine", data, "--init_from=pretrained", f"--pretrained={tiny_ckpt}", check=False))
+    assert "out_dir=" in msg and "not a checkpoint" in msg
+    assert os.listdir(tmp_path / "mine" / "ckpt") == ["notes.txt"]
 
 
 def test_accuracy_scripts_run(data, tiny_ckpt):
