@@ -555,12 +555,14 @@ while True:
     if eval_only or iter_num >= max_iters or stop_requested:
         break
 
-    losses, n_tokens, n_samples = torch.zeros((), device=device), 0, 0
+    losses, n_tokens, n_samples, flops = torch.zeros((), device=device), 0, 0, 0
     for micro in range(accum):
         if ddp and not fsdp:  # all-reduce gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == accum - 1
         n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no device sync
         n_samples, T = n_samples + batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+        flops += model.flops(batch["input_ids"].numel(), T, int((batch["labels"][:, 1:] != -100).sum()),
+                             batch.get("image_grid_thw"))  # what runs: the head on labelled tokens alone
         loss = forward(train_model, to_device(batch)) / accum
         batch = next(batches)  # the loader workers prepared it while the GPU worked
         loss.backward()
@@ -581,7 +583,7 @@ while True:
         dt = time.time() - t0
         n, t0, last_log = iter_num + 1 - last_log, time.time(), iter_num + 1  # steps since the last log line
         tok_s = n_tokens * world * n / dt
-        mfu = None if device_type != "cuda" else model.flops_per_token(T) * tok_s / (peak_flops * world)
+        mfu = None if device_type != "cuda" else flops * n / dt / peak_flops  # this process's share, per GPU
         if master:
             print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, "
                   f"{dt * 1000 / n:.0f} ms/iter, {n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s"
