@@ -84,20 +84,21 @@ def caption_folder(model, processor, decode_one, paths):
     """Caption each image on its own through engine.py's continuous batching, batch_size rows at a time: a caption
     that ends frees its row for the next image at once, so one long caption never holds back the others. Lines are
     written as captions end."""
-    captioned, text = set(), ""
+    captioned = set()
     if out and os.path.exists(out):
-        with open(out, encoding="utf-8") as f:
+        with open(out, "rb") as f:
             text = f.read()
-        for line in text.splitlines():
+        whole = text[:text.rfind(b"\n") + 1]
+        if len(whole) < len(text):  # the last line, cut short by an interrupted run, goes; its image is done again
+            os.truncate(out, len(whole))
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             try:
                 captioned.add(os.path.abspath(json.loads(line)["image"]))
-            except (ValueError, KeyError, TypeError):  # a line an interrupted run cut short: that image goes again
+            except (ValueError, KeyError, TypeError):  # not one of ours: left as it is
                 pass
     seeds = {p: seed + k for k, p in enumerate(paths)}  # an image's own: its caption is the same in any batch
     todo = [p for p in paths if os.path.abspath(p) not in captioned]
     sink = open(out, "a", encoding="utf-8") if out else sys.stdout
-    if text and not text.endswith("\n"):
-        sink.write("\n")
     chat = chat_prompt(processor, 1)
     ctx = model.config.text.max_position_embeddings
     image_tokens = processor.max_pixels // (processor.patch_size * processor.merge_size) ** 2  # the most an image gives

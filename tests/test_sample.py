@@ -214,8 +214,9 @@ def greedy_caption(ckpt, path, n=16):
 def test_folder_run_captions_each_image_once(files, tmp_path):
     """A directory is a folder run: one JSON line per readable image, each the greedy caption that image gets alone
     (2 rows at a time, so the third image takes the row of the first caption to end); a corrupt file is named and
-    skipped; a re-run with the same --out adds nothing; a glob to stdout gives the same lines; sampled captions are
-    the same in rows of 1 or of 3, each image drawing from its own seed."""
+    skipped; a re-run with the same --out adds nothing, and after a kill cut its last line, redoes that line alone; a
+    glob to stdout gives the same lines; sampled captions are the same in rows of 1 or of 3, each image drawing from
+    its own seed."""
     d = tmp_path / "photos"
     d.mkdir()
     for name in ("a.png", "b.png", "bad.png"):
@@ -234,6 +235,10 @@ def test_folder_run_captions_each_image_once(files, tmp_path):
     before = out.read_text()
     r = run(*args, f"--image={d}", f"--out={out}")
     assert r.returncode == 0 and out.read_text() == before, r.stderr
+    first, *rest = before.splitlines(keepends=True)  # a run killed while writing its last line: that line is cut
+    out.write_text("".join(rest) + first[:len(first) // 2])
+    r = run(*args, f"--image={d}", f"--out={out}")
+    assert r.returncode == 0 and out.read_text() == "".join(rest) + first, r.stderr  # cut line gone, caption again
     r = run(*args, f"--image={d}/*.png")
     assert r.returncode == 0, r.stderr
     assert sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda x: x["image"]) == lines[:2]
