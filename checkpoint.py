@@ -301,6 +301,21 @@ def check_save(path):
     return tmp, old
 
 
+def check_new_dir(out_dir, init_from, src):
+    """For a command that writes a new checkpoint from the one at init_from (resolved to src), before the weights
+    load: a ValueError naming --out_dir when it is, holds or lies inside the source (init_from may be a training
+    out_dir around src: its metrics.jsonl too), or when check_save refuses it."""
+    out = os.path.realpath(out_dir)
+    for s in {os.path.realpath(p) for p in (src, init_from) if os.path.exists(p)}:
+        if os.path.commonpath([out, s]) in (out, s):
+            raise ValueError(f"--out_dir={out_dir}: is, holds or lies inside the checkpoint it is made from "
+                             f"({init_from}); give a new directory")
+    try:
+        check_save(out_dir)
+    except ValueError as e:
+        raise ValueError(f"--out_dir: {e}") from None
+
+
 def fresh_tmp(path):
     """An empty `path.tmp`, where a checkpoint is written before swap_in makes it `path`, once check_save found
     nothing there that a save did not write."""
@@ -450,6 +465,9 @@ def save_sharded(path, model, optimizer):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     out = f"{path.rstrip('/')}.{SHARDED}"
+    if os.path.isdir(out) and any(n != ".metadata" and not n.endswith(".distcp") for n in os.listdir(out)):
+        raise ValueError(f"{out}: holds files that are not DCP shards, and a save to {path} would replace them; "
+                         "move them away")  # every process sees it: none waits at the barrier for another
     if dist.get_rank() == 0:
         shutil.rmtree(out, ignore_errors=True)  # left by a save stopped before its swap
     dist.barrier()
@@ -488,6 +506,15 @@ DEMO_COMMAND = ("python prepare.py --dataset=drawings && python train.py config/
                 "config/drawings.py")
 
 
+def demo():
+    """What init_from '' stands for: the demo README's first command trains (out-drawings), else the shapes demo's."""
+    for d in DEMOS:
+        if os.path.isdir(os.path.join(d, "ckpt")):
+            return d
+    raise ValueError(f"no model: train the demo with README's first command (`{DEMO_COMMAND}`), or pass "
+                     "--init_from=<checkpoint dir, training out_dir or hub id>")
+
+
 def load(init_from, device="cpu", dtype="", min_pixels=None, max_pixels=None):
     """(model in eval mode, processor) from a checkpoint dir, a training out_dir or a hub id (fetched once for both);
     '' is the demo README's first command trains (out-drawings), else the shapes demo's (out-shapes). dtype '' is
@@ -500,11 +527,7 @@ def load(init_from, device="cpu", dtype="", min_pixels=None, max_pixels=None):
     for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if v is not None and (type(v) is not int or v < 1):
             raise ValueError(f"--{k}={v}: expected a whole number of pixels, at least 1")
-    if not init_from:
-        init_from = next((d for d in DEMOS if os.path.isdir(os.path.join(d, "ckpt"))), None)
-        if init_from is None:
-            raise ValueError(f"no model: train the demo with README's first command (`{DEMO_COMMAND}`), or pass "
-                             "--init_from=<checkpoint dir, training out_dir or hub id>")
+    init_from = init_from or demo()
     try:
         path = resolve(init_from)
         model = from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()

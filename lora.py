@@ -13,13 +13,12 @@ adapter_model.safetensors) and merges an adapter into its base as it loads one, 
 load a LoRA run's out_dir as they load any checkpoint; this file's command line writes that merge to disk.
 A file of its own, as quantize.py is: one way of changing the decoder's linears, with the one conversion it needs.
 """
-import os
 
 import torch
 import torch.nn as nn
 
-from checkpoint import (ADAPTER_CONFIG, copy_side_files, from_pretrained, nbytes, read_adapter_config, resolve,
-                        save_pretrained)
+from checkpoint import (ADAPTER_CONFIG, check_new_dir, copy_side_files, from_pretrained, nbytes, read_adapter_config,
+                        resolve, save_pretrained)
 from configurator import configure, die
 from model import Int8Linear
 
@@ -84,8 +83,13 @@ def main():
         adapter = read_adapter_config(src)
         if adapter is None:
             die(f"--init_from={init_from}: {src} has no {ADAPTER_CONFIG}, expected a LoRA run's checkpoint")
-        if os.path.realpath(src) == os.path.realpath(out_dir):
-            die(f"--out_dir={out_dir}: is the adapter being merged; give a new directory")
+    except (ValueError, FileNotFoundError) as e:
+        die(f"--init_from: {e}")
+    try:  # before the base loads
+        check_new_dir(out_dir, init_from, src)
+    except ValueError as e:
+        die(str(e))
+    try:
         model = from_pretrained(src)  # the base in its own dtype, each adapted weight plus (alpha / r) B A
     except (ValueError, FileNotFoundError) as e:
         die(f"--init_from: {e}")

@@ -89,7 +89,10 @@ def caption_folder(model, processor, decode_one, paths):
         with open(out, "rb") as f:
             text = f.read()
         whole = text[:text.rfind(b"\n") + 1]
-        if len(whole) < len(text):  # the last line, cut short by an interrupted run, goes; its image is done again
+        if len(whole) < len(text):  # a last line an interrupted run cut short goes; its image is done again
+            if not text[len(whole):].startswith(b'{"image": '):
+                die(f"--out={out}: ends in a line that is not one of this command's captions; expected the JSON "
+                    "lines a folder run writes, or a new file")
             os.truncate(out, len(whole))
         for line in whole.decode("utf-8", errors="replace").splitlines():
             try:

@@ -4,6 +4,7 @@ Train the Artemis graft, both stages, in one loop that reads top to bottom (afte
     python train.py config/shapes.py                      # the CPU demo (after python prepare.py --dataset=shapes)
     python train.py config/stage1.py                      # A2 + Qwen3-VL-2B vision: projector alignment (A3 recipe)
     torchrun --standalone --nproc_per_node=8 train.py config/stage2.py   # multimodal instruction tuning
+    python train.py config/stage2_single.py               # the same on one 128 GB device: bf16 weights, 8-bit AdamW
     python train.py config/stage2_lora.py                 # the same with LoRA adapters, on one GPU
 
 stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the
@@ -19,6 +20,7 @@ captions a few held-out images. Micro-batches are cut from rows of similar lengt
 """
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -128,8 +130,11 @@ if master_weights not in ("fp32", "bf16"):
 if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
     die(f"master_weights='bf16' computes in bf16: set dtype='bfloat16' (it is {dtype!r})")
 if optimizer == "adamw8bit" or master_weights == "bf16":  # torchao's optimizers; found out before a 12B model loads
+    # its optional C++ kernels, which these pure-PyTorch optimizers never call, warn on import where they were built
+    # for another Python or torch: kept off stderr, where an error is one line
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
-        import torchao.optim
+        import torchao.optim  # the global `torchao`, used where the optimizer is built
     except ImportError as e:
         die(f"optimizer={optimizer!r} with master_weights={master_weights!r} needs torchao (pip install torchao): {e}")
 for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
@@ -218,7 +223,8 @@ def init_model():
         base = adapter["base_model_name_or_path"] if adapter and init_from == "resume" else None
         model = from_pretrained(resolve(base) if base else path, dtype=frozen_dtype, device=device)
         processor = Processor.from_pretrained(path)
-        return model, processor, base or (os.path.abspath(pretrained) if os.path.exists(pretrained) else pretrained)
+        # where PEFT finds the base: the checkpoint directory itself (inside a training out_dir), or the hub id
+        return model, processor, base or (os.path.abspath(path) if os.path.exists(pretrained) else pretrained)
     elif init_from == "parts":
         path = resolve(text_model)
         model = from_parts(path, vision_model, image_token_id, dtype=frozen_dtype, device=device, seed=seed)

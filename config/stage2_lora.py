@@ -1,6 +1,6 @@
 # Stage-2 instruction tuning from A3 on one GPU: config/stage2.py's data and schedule, but the decoder frozen in bf16
 # with LoRA adapters on all its linears (r 128, alpha 256, adapters at 2e-4 and projector at 2e-5: LLaVA-1.5's
-# finetune_lora.sh), where the full fine-tune shards 190 GB of weights and AdamW state over 8 GPUs.
+# finetune_lora.sh), where the full fine-tune shards 197 GB of weights and AdamW state over 8 GPUs.
 #   (the four prepare.py commands at the top of config/stage2.py)
 #   python train.py config/stage2_lora.py
 #   python lora.py --init_from=out-stage2-lora --out_dir=out-stage2-merged   # a plain artemis-vlm checkpoint

@@ -67,8 +67,13 @@ def test_peft_loads_the_adapter_onto_artemis_vlm(tmp_path, r, alpha, top_n):
 def test_merged_checkpoint_loads_in_artemis_vlm(tmp_path):
     transformers = pytest.importorskip("transformers")
     _, ours, _ = adapted(tmp_path, 4, 8, 1)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), f"--init_from={tmp_path / 'adapter'}",
-                        f"--out_dir={tmp_path / 'merged'}"], capture_output=True, text=True, cwd=ROOT)
+    def merge(out):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), f"--init_from={tmp_path / 'adapter'}",
+                               f"--out_dir={out}"], capture_output=True, text=True, cwd=ROOT)
+    inside = merge(tmp_path / "adapter" / "merged")  # would sit inside the adapter it merges: refused, before loading
+    assert inside.returncode == 2 and "--out_dir" in inside.stderr and "new directory" in inside.stderr
+    assert not os.path.exists(tmp_path / "adapter" / "merged")
+    p = merge(tmp_path / "merged")
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "merged")) == ["config.json", "model.safetensors"]
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float64).eval()

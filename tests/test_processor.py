@@ -6,6 +6,7 @@ import os
 import tracemalloc
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import skimage
 import torch
