@@ -6,7 +6,14 @@ Speed and memory of this implementation beside the reference stack (transformers
     python bench.py --preset=a3 --n_layer=8          # GPU: A2 (Mistral-Nemo 12B) + Qwen3-VL-2B vision shapes
     python bench.py --only=quantize                  # int8 decoder (quantize.py) against the bench dtype
 
-Both stacks run in this one process, on the same random weights (copied in memory) and inputs. Writes nothing.
+Both stacks run in this one process, on the same random weights (copied in memory) and inputs. Writes nothing but
+--out. The run for a lent GPU (about 8 minutes on one H100/H200; each section stops at its budget and the results so far
+are in $OUT/*/bench.json and bench.md):
+
+    python bench.py --preset=a3 --reference=False --only=prefill,decode,stage1,e2e,quantize --budget=150 --out=$OUT/a3
+    python bench.py --preset=a3 --n_layer=8 --only=decode,train --budget=90 --out=$OUT/ref8   # against the reference
+
+Run it first on the CPU at --preset=tiny (a few minutes) so that it is known to work end to end.
 """
 import base64
 import gc
@@ -14,6 +21,7 @@ import io
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +49,7 @@ from vision import VisionConfig
 # -----------------------------------------------------------------------------
 preset = "a3" if torch.cuda.is_available() else "small"  # 'tiny' | 'small' (CPU) | 'a3' (the real shapes)
 n_layer = 0  # decoder layers; 0: the preset's (a3 has 40: fewer fit a 12B beside its reference copy)
-only = ""  # comma-separated subset of processor,vision,prefill,decode,train,padding,serve,quantize; '': all
+only = ""  # comma-separated sections (SECTIONS); '': all but the device run's stage1 and e2e
 reference = True  # also run transformers + artemis-vlm (when installed) on the same weights and inputs
 compile = True  # also time a torch.compile'd decode step (CUDA: with CUDA graphs)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +59,8 @@ new_tokens = 32  # decode length
 repeat = 5
 peak_flops = 989e12 if torch.cuda.is_available() else 0.0  # for MFU (H100 SXM dense bf16); 0: no MFU
 seed = 0
+out = ""  # a directory: each section's rows go to bench.json and the printed table to bench.md as they come
+budget = 0  # seconds a section may run before it is stopped and the run goes on to the next; 0: no limit
 configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -68,7 +78,7 @@ PRESETS = {  # decoder, vision tower, and one training row: image side (px), pro
                          rope_theta=1e6),
                vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,  # Qwen3-VL-2B
                            out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17]),
-               image=512, prompt=16, answer=128, batch=2),
+               image=512, prompt=32, answer=128, batch=2),
 }
 IMG = 22  # <|image_pad|>
 Row = namedtuple("Row", "what ours theirs unit note", defaults=("",))  # theirs: the reference's figure or None
@@ -165,6 +175,20 @@ class Bench(namedtuple("Bench", "model ref ref_processor preset P device cuda dt
         kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize * slots
         return nbytes(t for k, t in sd.items() if not k.startswith("model.embed_tokens.")) + kv
 
+    def flops(self, ids, labels, grid):  # what one training step on this batch runs (model.flops)
+        return self.model.flops(ids.numel(), ids.shape[1], int((labels[:, 1:] != -100).sum()), grid)
+
+
+def word_processor(vocab_size, side):
+    """A Processor for the bench model: a word-level tokenizer over its whole vocabulary ("w123" is id 123), the chat
+    tokens inside it, images up to side x side px."""
+    special = {"<unk>": 0, "</s>": 1, "<|image_pad|>": IMG, "<|im_start|>": IMG + 2, "<|im_end|>": IMG + 3}
+    vocab = {f"w{i}": i for i in range(vocab_size) if i not in special.values()} | special
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=side * side)
+
 
 def processor(b):
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
@@ -198,7 +222,8 @@ def prefill(b):  # batch 1: vision tower, projector and decoder over the prompt,
         t_ref = b.ref and b.timed(lambda: b.ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
                                                 use_cache=True, logits_to_keep=1))
     b.model.clear_caches()
-    return [Row(f"prefill, 1 image + {b.P['prompt']} tokens (T={ids.shape[1]})", t * 1e3, t_ref and t_ref * 1e3, "ms")]
+    return [Row(f"prefill (time to first token), 1 image {b.P['image']} px + {b.P['prompt']} tokens (T={ids.shape[1]})",
+                t * 1e3, t_ref and t_ref * 1e3, "ms")]
 
 
 @torch.inference_mode()
@@ -256,9 +281,9 @@ def train(b):
         (t, t_ref), mem = ([got.get((how, stage, m)) for m in (model, b.ref)] for how in (b.timed, b.peak_bytes))
         if t is None:
             continue
-        model.set_training_stage(stage)  # what flops_per_token counts the backward of
+        model.set_training_stage(stage)  # what model.flops counts the backward of
         note = f"; ours {B / t:.2f} samples/s, {B * T / t:,.0f} tok/s" + (
-            f", MFU {100 * model.flops_per_token(T) * B * T / t / b.peak_flops:.1f}%" if b.peak_flops else "")
+            f", MFU {100 * b.flops(ids, labels, grid) / t / b.peak_flops:.1f}%" if b.peak_flops else "")
         mem = [None if x is None else (x + nbytes(m.parameters())) / 2**20 for x, m in zip(mem, (model, b.ref))]
         out += [Row(f"{stage} step, {B} x {T} tokens ({b.P['answer']} labelled)", t * 1e3, t_ref and t_ref * 1e3, "ms",
                     note), Row(f"{stage} step peak memory", *mem, "MiB")]  # memory: the weights and the peak above them
@@ -333,19 +358,11 @@ def serve(b):
                                   "stream_options": {"include_usage": True}}).encode())
     got = {}  # (mode, clients): (each client's [(ttft, latency, tokens, finish)], seconds for them all)
     with tempfile.TemporaryDirectory() as d, ExitStack() as servers:
-        # the bench model with a word-level tokenizer over its whole vocabulary; the chat tokens sit inside it
-        special = {"<unk>": 0, "</s>": 1, "<|image_pad|>": IMG, "<|im_start|>": IMG + 2, "<|im_end|>": IMG + 3}
-        vocab = {f"w{i}": i for i in range(b.model.config.text.vocab_size) if i not in special.values()} | special
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        head = b.model.language_model.lm_head.weight
-        with torch.no_grad():  # saved with the scaled row, then put back for the other sections
-            row = head[IMG + 3].clone()
-            head[IMG + 3] *= 2.4
-            save_pretrained(b.model, d)
-            head[IMG + 3] = row
-        Processor(tok, special_tokens={"eos_token": "</s>"}, max_pixels=512 * 512).save_pretrained(d)
+        sd = b.model.state_dict()  # the bench model, its <|im_end|> head row scaled in the saved copy alone
+        head = sd["language_model.lm_head.weight"].clone()
+        head[IMG + 3] *= 2.4
+        save_pretrained(b.model, d, state_dict=sd | {"language_model.lm_head.weight": head},
+                        write_extra=word_processor(b.model.config.text.vocab_size, 512).save_pretrained)
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), f"--init_from={d}",
                f"--device={b.device}", f"--dtype={str(b.dtype)[6:]}", "--port=0", "--max_batch=32",
                "--max_model_len=1024"]  # what the workload needs: each step attends over every slot's columns
@@ -414,7 +431,101 @@ def quantize(b):
                       for k in kinds for q, name in (("full", full), ("int8", "int8")))]
 
 
-SECTIONS = {f.__name__: f for f in (processor, vision, prefill, decode, train, padding, serve, quantize)}  # run order
+def stage1(b):
+    """The Stage-1 step (projector trained, tower and decoder frozen in the bench dtype) at the largest batch that fits
+    (doubling from batch_size until out of memory; on a CPU, batch_size), without and with gradient checkpointing:
+    samples/s, tokens/s, MFU (the FLOPs that run: model.flops) and peak memory."""
+    model, rows = b.model, []
+    model.train().set_training_stage("stage1")
+    for ckpt in (False, True):
+        model.language_model.gradient_checkpointing, fits = ckpt, None
+
+        def step(ids, pixels, grid, labels, mask):
+            model(ids, pixels, grid, labels=labels, attention_mask=mask)[1].backward()
+            model.zero_grad(set_to_none=True)
+        for B in [b.batch_size * 2**k for k in range(8 if b.cuda else 1)]:
+            try:
+                step(*b.inputs(B))
+                fits = B
+            except torch.OutOfMemoryError:
+                model.zero_grad(set_to_none=True)
+                break
+        if fits is None:
+            continue
+        batch = b.inputs(fits)
+        t, peak, (ids, _, grid, labels, _) = b.timed(lambda: step(*batch)), b.peak_bytes(lambda: step(*batch)), batch
+        mfu = f", MFU {100 * b.flops(ids, labels, grid) / t / b.peak_flops:.1f}%" if b.peak_flops else ""
+        on = "on" if ckpt else "off"
+        rows += [Row(f"stage1 step, batch {fits} x {ids.shape[1]} tokens, checkpointing {on}; {fits / t:.2f} "
+                     f"samples/s, {ids.numel() / t:,.0f} tok/s{mfu}", t * 1e3, None, "ms"),
+                 Row(f"stage1 step peak memory, checkpointing {on}", (peak + nbytes(model.parameters())) / 2**20,
+                     None, "MiB")]
+    model.language_model.gradient_checkpointing = False
+    model.eval()
+    return rows
+
+
+def e2e(b):
+    """What a user runs, end to end, on files: the bench model saved as an artemis checkpoint with a word-level
+    tokenizer, prepare.py on webdataset shards of generated images with 150-300-token captions, 20 steps of
+    `train.py config/stage1.py` from that checkpoint (init_from=pretrained, as from_parts would assemble it; batch 2,
+    accumulation 2), its save, then `sample.py --compile=True` on what it saved. Each script's own lines give the
+    figures: train.py's log and save, sample.py's summary line."""
+    import tarfile
+    root, rng = os.path.dirname(os.path.abspath(__file__)), np.random.default_rng(b.seed)
+    side, dev = b.P["image"], [f"--device={b.device}", f"--dtype={str(b.dtype)[6:]}"]
+    with tempfile.TemporaryDirectory() as d:
+        ckpt, shards, data, run = (os.path.join(d, x) for x in ("ckpt", "shards", "data", "run"))
+        t0 = time.perf_counter()
+        save_pretrained(b.model, ckpt, write_extra=word_processor(b.model.config.text.vocab_size, side).save_pretrained)
+        t_write = time.perf_counter() - t0
+        os.makedirs(shards)
+        for k in range(4):  # 4 shards of 16 samples
+            with tarfile.open(os.path.join(shards, f"{k:05d}.tar"), "w") as tar:
+                for i in range(16):
+                    photo = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(photo, "JPEG")
+                    caption = " ".join(f"w{w}" for w in rng.integers(100, 30000, rng.integers(150, 301))).encode()
+                    for ext, data_ in (("jpg", photo.getvalue()), ("txt", caption)):
+                        info = tarfile.TarInfo(f"{k}-{i}.{ext}")
+                        info.size = len(data_)
+                        tar.addfile(info, io.BytesIO(data_))
+
+        def run_script(*args):  # (seconds, [(seconds since start, line)] of its stdout and stderr)
+            t, lines = time.perf_counter(), []
+            with subprocess.Popen([sys.executable, os.path.join(root, args[0]), *args[1:]], cwd=d, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
+                for line in p.stdout:
+                    lines.append((time.perf_counter() - t, line.rstrip()))
+            if p.returncode:
+                raise RuntimeError(f"{args[0]} exited {p.returncode}: {lines[-1][1] if lines else ''}")
+            return time.perf_counter() - t, lines
+
+        t_prep, _ = run_script("prepare.py", "--dataset=tars", f"--src={shards}", f"--tokenizer={ckpt}",
+                               f"--out_dir={data}", "--val_frac=0.15", f"--max_pixels={side * side}")
+        t_train, log = run_script("train.py", os.path.join(root, "config", "stage1.py"), "--init_from=pretrained",
+                                  f"--pretrained={ckpt}", f"--dataset={data}", f"--out_dir={run}", "--max_iters=20",
+                                  "--gradient_accumulation_steps=2", "--eval_interval=20", "--eval_iters=2",
+                                  "--eval_samples=1", "--log_interval=1", "--num_workers=2", *dev)
+        steps = [ln for _, ln in log if ln.startswith("iter ") and "ms/iter" in ln]
+        saved = next(t for t, ln in log if ln.startswith("saved checkpoint"))
+        t_save = saved - max(t for t, ln in log if t < saved and not ln.startswith("saved"))
+        size = sum(os.path.getsize(os.path.join(run, "ckpt", f)) for f in os.listdir(os.path.join(run, "ckpt")))
+        photo = os.path.join(d, "photo.jpg")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(photo)
+        t_sample, said = run_script("sample.py", f"--init_from={run}", f"--image={photo}", "--compile=True",
+                                    "--temperature=0", "--max_new_tokens=64", *dev)
+    summary = next(ln for _, ln in reversed(said) if "time to first token" in ln)
+    return [Row("e2e: bench model saved as an artemis checkpoint (+ tokenizer)", t_write, None, "s"),
+            Row("e2e: prepare.py, 64 images with 150-300-token captions", t_prep, None, "s"),
+            Row(f"e2e: train.py config/stage1.py, 20 steps + eval + save; last step: {steps[-1]}", t_train, None, "s"),
+            Row(f"e2e: its checkpoint save, {size / 1e9:.2f} GB", t_save, None, "s"),
+            Row(f"e2e: sample.py --compile=True on it: {summary}", t_sample, None, "s")]
+
+
+SECTIONS = {f.__name__: f for f in (processor, vision, prefill, decode, train, padding, serve, stage1, e2e,
+                                    quantize)}  # the run order: quantize, last, quantizes the model in place
+DEVICE_RUN = ("stage1", "e2e")  # only when named: minutes each on a CPU
 
 
 def table(rows):
@@ -428,7 +539,7 @@ def table(rows):
 
 
 def main():
-    names, cuda = only.split(",") if only else list(SECTIONS), device.startswith("cuda")
+    names, cuda = only.split(",") if only else [n for n in SECTIONS if n not in DEVICE_RUN], device.startswith("cuda")
     if preset not in PRESETS:
         die(f"--preset={preset!r}, expected one of {', '.join(PRESETS)}")
     if set(names) - set(SECTIONS):
@@ -460,15 +571,40 @@ def main():
             die(f"weights do not map onto the reference: {(missing + unexpected)[:3]}")
         ref.generation_config.update(eos_token_id=None, pad_token_id=0)  # random weights: always n new tokens
     c, v, n_dec = config.text, config.vision, sum(p.numel() for p in model.language_model.parameters())
-    print(f"bench: {torch.cuda.get_device_name()}" if cuda else f"bench: {device} ({torch.get_num_threads()} threads)",
-          f"torch {torch.__version__}, {str(ptdtype)[6:]}, preset {preset}: decoder {c.num_hidden_layers} x "
-          f"{c.hidden_size} ({n_dec / 1e6:.0f}M, vocab {c.vocab_size}), vision {v.depth} x {v.hidden_size}"
-          + (", reference: transformers + artemis-vlm" if ref else ""))
+    header = (f"bench: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda else
+              f"bench: {device} ({torch.get_num_threads()} threads)") + (
+        f", torch {torch.__version__}, {str(ptdtype)[6:]}, preset {preset}: decoder {c.num_hidden_layers} x "
+        f"{c.hidden_size} ({n_dec / 1e6:.0f}M, vocab {c.vocab_size}), vision {v.depth} x {v.hidden_size}"
+        + (", reference: transformers + artemis-vlm" if ref else "") + f"; {' '.join(sys.argv)}")
+    print(header, flush=True)
     b = Bench(model, ref, ref_processor, preset, P, device, cuda, ptdtype, batch_size or P["batch"], new_tokens,
               repeat, compile, peak_flops, seed)
-    out = [item for name in SECTIONS if name in names for item in SECTIONS[name](b)]
-    rows = [r for r in out if isinstance(r, Row)]
-    print("\n" + "\n\n".join(([table(rows)] if rows else []) + [s for s in out if isinstance(s, str)]))
+    got = []
+    for name in (n for n in SECTIONS if n in names):
+        got += run_section(b, name)
+        rows, notes = [r for r in got if isinstance(r, Row)], [s for s in got if isinstance(s, str)]
+        report = "\n\n".join(([table(rows)] if rows else []) + notes)
+        if out:  # after every section: a run cut short keeps what it measured
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "bench.json"), "w") as f:
+                json.dump({"header": header, "rows": [r._asdict() for r in rows], "notes": notes}, f, indent=1)
+            with open(os.path.join(out, "bench.md"), "w") as f:
+                f.write(header + "\n\n" + report + "\n")
+    print("\n" + report)
+
+
+def run_section(b, name):
+    """The section's rows; one that runs past `budget` seconds is stopped (SIGALRM) and says so."""
+    def stop(signum, frame):
+        raise TimeoutError
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(budget)
+    try:
+        return SECTIONS[name](b)
+    except TimeoutError:
+        return [f"{name}: stopped after its budget of {budget} s"]
+    finally:
+        signal.alarm(0)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,26 @@ class PreparedDataset:
         return {'messages': row['messages'], 'images': images}
 
 
-def read_done(dir):
-    """{piece name: its counts} of the finished pieces listed in dir/done.jsonl: only those are part of the dataset."""
+def read_done(dir, cut_ok=False):
+    """{piece name: its counts} of the finished pieces listed in dir/done.jsonl: only those are part of the dataset.
+    A last line cut short by an interrupted prepare.py is a ValueError that names the file, or with cut_ok (prepare.py
+    finishing the job) left out: that piece is done again."""
     path = os.path.join(dir, 'done.jsonl')
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return {d['name']: d['counts'] for d in map(json.loads, f)}
+    with open(path, encoding='utf-8', errors='replace') as f:
+        *lines, cut = f.read().split('\n')  # each line is written whole with its newline: what follows the last is cut
+    if cut and not cut_ok:
+        raise ValueError(f"{path}: its last line is cut short (prepare.py was interrupted while writing it); run the "
+                         "same prepare.py command again to finish the dataset")
+    done = {}
+    for i, line in enumerate(lines, 1):
+        try:
+            d = json.loads(line)
+            done[d['name']] = d['counts']
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}: line {i} is not a piece prepare.py listed ({line[:60]!r})") from None
+    return done
 
 
 def read_lengths(path, n):

@@ -55,8 +55,9 @@ def load(init_from, device="cpu", dtype="", min_pixels=None, max_pixels=None, qu
 @dataclass(eq=False)
 class Request:
     """A prompt to continue, with its sampling options. The engine appends to tokens and text as they come, puts
-    ("text", delta) on events for each new piece of text, then ("done", finish) with finish 'stop' or 'length', or
-    ("error", message); finish stays set. Setting cancelled (from any thread) ends it at the next step."""
+    ("text", delta) on events for each new piece of text, then ("done", finish) with finish 'stop', 'length' or
+    'cancelled', or ("error", message); finish stays set. Setting cancelled (from any thread) ends it at the next
+    step."""
     ids: torch.Tensor  # (T,) prompt token ids, image pads expanded
     max_tokens: int
     pixels: torch.Tensor | None = None  # the processor's pixel_values and image_grid_thw

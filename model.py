@@ -228,7 +228,6 @@ class Int8Linear(nn.Module):
 
 class Projector(nn.Module):
     """artemis-vlm's ArtemisVLMProjector: vision out_hidden -> text hidden, exact GELU."""
-
     def __init__(self, d_in, d_out):
         super().__init__()
         self.fc1 = nn.Linear(d_in, d_out)
@@ -343,14 +342,17 @@ class ArtemisVLM(nn.Module):
         sizes = [(p.numel(), p.requires_grad) for p in self.parameters()]
         return sum(n for n, g in sizes if g), sum(n for n, _ in sizes)
 
-    def flops_per_token(self, T):
-        """Decoder FLOPs per trained token at sequence length T: 2N forward and 2N to carry gradients back to the
-        image embeddings, plus 2N for the weight gradients of the trainable decoder parameters only (stage2)."""
-        c, lm = self.config.text, self.language_model
-        n = sum(p.numel() for p in lm.parameters())  # a tied table counts once: as the head's matmul
-        n -= 0 if c.tie_word_embeddings else lm.model.embed_tokens.weight.numel()  # the lookup is not a matmul
-        n_train = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-        return 4 * n + 2 * n_train + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+    def flops(self, n_tokens, T, n_labelled, grid=None):
+        """Training FLOPs of a batch as it runs: n_tokens in rows of T, n_labelled labelled, images of grid. Per token
+        the decoder's matmuls go forward, back to their inputs (gradients reach the images) and to trained weights (2N
+        each), plus attention (12 L H hd T); the head on labelled tokens alone; the projector; the tower's forward."""
+        c, lm, layers = self.config.text, self.language_model, self.language_model.model.layers
+        size = lambda m, trained=False: sum(p.numel() for p in m.parameters() if p.requires_grad or not trained)  # noqa
+        attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+        head = (4 + 2 * lm.lm_head.weight.requires_grad) * lm.lm_head.weight.numel()  # forward, input and weight grads
+        images = 0 if grid is None else self.visual.flops(grid) * (3 if size(self.visual, True) else 1) + 4 * size(
+            self.multi_modal_projector) * int(grid.prod(-1).sum()) // self.config.vision.spatial_merge_size ** 2
+        return n_tokens * (4 * size(layers) + 2 * size(layers, True) + attn) + n_labelled * head + images
 
     # ------------------------------------------------------------------------------------------
     # generation
@@ -423,9 +425,8 @@ class ArtemisVLM(nn.Module):
             tok = sample(logits, temperature, top_k, top_p)  # (B,)
             tok = torch.where(done, out[-1][:, -1], tok)
             out.append(tok[:, None])
-            finished = callback(tok) if callback is not None else None
             done |= torch.isin(tok, stop)
-            if finished is not None:
+            if callback is not None and (finished := callback(tok)) is not None:
                 done |= finished.to(dev)
             if done.all() or i == max_new_tokens - 1:
                 break
@@ -443,8 +444,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p is not None:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        p = sorted_logits.softmax(-1)
+        p, idx = logits.softmax(-1).sort(-1, descending=True)
         drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), -float("inf"))
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]

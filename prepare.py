@@ -4,8 +4,8 @@ resized by Processor.resize (what the model sees, so training never decodes full
 a held-out val by a stable hash of each sample's key (re-runs and resumes agree on it).
 
   python prepare.py --dataset=shapes                  # offline demo: captioned synthetic shapes + its own tokenizer
-  python prepare.py --dataset=drawings                # the same captions on shapes varied as people draw them
-  python prepare.py --dataset=drawings --captions=shape   # ...captioned "a small circle." (data/drawings-shape)
+  python prepare.py --dataset=drawings                # the same captions on shapes varied as people draw them,
+                                                      # and captioned "a small circle." in data/drawings-shape
   python prepare.py --dataset=tars --src='blip3o/*.tar' --tokenizer=ckpt/A3        # Stage 1: image + caption shards
   python prepare.py --dataset=chat --src=mix.jsonl --image_root=imgs --tokenizer=ckpt/A3   # Stage 2 chat rows
   python prepare.py --dataset=llava --src=llava_v1_5_mix665k.json --image_root=imgs --tokenizer=ckpt/A3
@@ -20,8 +20,10 @@ llava: .json/.jsonl rows with "image" and "conversations" of {"from": human/gpt,
 shapes: "a small red circle on a white background." style captions of generated 96x96 images (9 vision tokens each),
   with a byte-level BPE tokenizer and ChatML template saved next to the data, so Processor.from_pretrained(out_dir)
   works and a tiny model trained from scratch can learn it on a CPU.
-drawings: the same captions and tokenizer on shapes varied as people's drawings in a paint program are (canvas size
-  and aspect, place, shade, size, anti-aliasing, JPEG), stored at most 48x48 px: 4-px patches, 4-36 vision tokens.
+drawings: the same captions and tokenizer on shapes varied as people's drawings in a paint program are (filled or
+  outlined, proportions, canvas size and aspect, place, shade, size, anti-aliasing, JPEG), stored at most 48x48 px:
+  4-px patches, 4-36 vision tokens. One run writes them twice, with the full captions into data/drawings and with size
+  and shape alone into data/drawings-shape (--captions=full,shape), for the demo's two training runs.
 
 Rows longer than max_seq_len tokens (chat template rendered as Processor.collate renders it, image pads expanded)
 are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary,
@@ -87,8 +89,9 @@ if __name__ == '__main__':  # the command line's options, read by main() alone
     #                  for shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far
     #                  more slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
     seed = 1337  # shapes/drawings
-    captions = 'full'  # shapes/drawings: 'full', or 'shape' ("a small circle.", out_dir data/<dataset>-shape): the
-    #                    same images, for the drawings demo's first run (config/drawings_shape.py)
+    captions = None  # shapes/drawings: 'full', 'shape' ("a small circle.", into <out_dir>-shape) or both in one run,
+    #                  'full,shape': the same images, for the drawings demo's first run (config/drawings_shape.py);
+    #                  None = SYNTHETIC's ('full' for shapes, 'full,shape' for drawings)
     chunk_size = 1000  # rows per piece (chat, llava, shapes)
     num_workers = os.cpu_count()
     configure(globals())
@@ -107,10 +110,15 @@ def caption_row(caption, prompt):
             {'role': 'assistant', 'content': caption}]
 
 
-def shape_caption(size, color, shape, bg, words='full'):  # the grammar of shapes and drawings, and of their tokenizer
-    # 'shape' leaves out color and background: learned from the start, they slow the learning of shape (the runs that
-    # showed it: docs/experiments.md)
-    return f"a {size} {color} {shape} on a {bg} background." if words == 'full' else f"a {size} {shape}."
+def shape_caption(size, color, shape, bg):  # the grammar of shapes and drawings, and of their tokenizer
+    return f"a {size} {color} {shape} on a {bg} background."
+
+
+def shape_words(messages):
+    """A caption row of the generated datasets recaptioned with size and shape alone ("a small circle."): learned from
+    the start, color and background slow the learning of shape (the runs that showed it: docs/experiments.md)."""
+    w = messages[-1]['content'].split()  # a small red circle on a white background.
+    return messages[:-1] + [{'role': 'assistant', 'content': f"a {w[1]} {w[3]}."}]
 
 # --- sources: each yields (key, messages, images) per sample, or a reason string for one it skips. Images may be
 # PIL images, encoded bytes or file paths: decoding happens in work(), where a bad one is counted. The first argument
@@ -123,7 +131,7 @@ BACKGROUNDS = {'white': (255, 255, 255), 'black': (0, 0, 0), 'gray': (128, 128, 
 SIZES = {'small': 0.5, 'large': 0.9}  # extent / image side; smaller shapes were much harder for a tiny ViT to tell apart
 
 
-def shapes(indices, seed, image_size, prompt, captions):
+def shapes(indices, seed, image_size, prompt):
     n = image_size
     for i in indices:
         r = random.Random(f"{seed}-{i}")
@@ -143,63 +151,108 @@ def shapes(indices, seed, image_size, prompt, captions):
         else:
             draw.rectangle((x - h / 3, y - h, x + h / 3, y + h), fill=fill)
             draw.rectangle((x - h, y - h / 3, x + h, y + h / 3), fill=fill)
-        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions), prompt), [im]
+        yield f"shapes-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg), prompt), [im]
 # drawings: each color word is a hue range in degrees and a lowest HSV value, the shades a paint program's palette
-# gives it; each background a range of gray levels; each size word a range of extents (of the canvas's short side)
-# with a clear gap between them
+# gives it; each background a range of gray levels; each size word a range of extents: the shape's larger side, before
+# it is turned, over the canvas's short side. Small is at most half of it, large at least 62%, nothing in between
 SHADES = {'red': (-12, 10, 0.55), 'orange': (20, 40, 0.75), 'yellow': (48, 64, 0.75), 'green': (95, 150, 0.45),
           'blue': (205, 245, 0.5), 'purple': (270, 305, 0.45)}
-GRAYS = {'white': (232, 255), 'black': (0, 28), 'gray': (100, 155)}
-EXTENTS = {'small': (0.33, 0.5), 'large': (0.68, 0.95)}
-OUTLINES = {  # unit outlines, y down
-    'square': [(-1, -1), (1, -1), (1, 1), (-1, 1)],
-    'triangle': [(0, -1), (1, 1), (-1, 1)],
-    'circle': [(math.cos(k * math.pi / 60), math.sin(k * math.pi / 60)) for k in range(120)],
-}
+GRAYS = {'white': (225, 255), 'black': (0, 32), 'gray': (96, 170)}
+EXTENTS = {'small': (0.3, 0.5), 'large': (0.62, 0.92)}
+CIRCLE = [(math.cos(k * math.pi / 60), math.sin(k * math.pi / 60)) for k in range(120)]
 
 
-def cross(a):  # arms of half-width a
+def outline(shape, r):
+    """The unit outline of one shape (y down, extent 2 on its larger side), its proportions varied a little."""
+    if shape == 'circle':
+        return CIRCLE
+    if shape == 'square':
+        return [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    if shape == 'triangle':  # apex up, anywhere over the middle half of the base
+        return [(r.uniform(-0.3, 0.3), -1), (1, 1), (-1, 1)]
+    a = r.uniform(0.22, 0.48)  # a cross's arms, of half-width a
     return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
 
 
-def drawings(indices, seed, prompt, captions):
-    """One filled shape per canvas, varied as people's drawings are: canvases of 80-800 px, square or up to 2:1 either
-    way; a continuous size within each size word; a shade of the color word; a little squashed and turned; anywhere
-    on the canvas; hard-edged or anti-aliased (drawn 2x or 4x and reduced); 40% saved as JPEG. Resized to at most 48x48
-    px, a small shape spans only 8-12 px: 4-px patches tell its outline apart where 8-px ones (at 64 px) left a tiny
-    ViT at half the accuracy after as many steps."""
+def inset(pts, d):
+    """The polygon pts (a simple one) with each edge moved d inward: the inside of a stroke of width d along it."""
+    n = len(pts)
+    turn = 1 if sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1])) > 0 else -1
+    lines = []  # each edge as a point moved inward and a direction
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+        ux, uy = x1 - x0, y1 - y0
+        u = math.hypot(ux, uy)
+        ux, uy = ux / u, uy / u
+        lines.append((x0 - turn * uy * d, y0 + turn * ux * d, ux, uy))
+    out = []
+    for j in range(n):  # vertex j: where the moved edges j-1 and j meet
+        (px, py, ux, uy), (qx, qy, vx, vy) = lines[j - 1], lines[j]
+        t = ((qx - px) * vy - (qy - py) * vx) / (ux * vy - uy * vx)
+        out.append((px + t * ux, py + t * uy))
+    return out
+
+
+def drawings(indices, seed, prompt, image_size):
+    """One shape per canvas, varied as people's drawings are: filled, or outlined by a stroke of 1.2-3 px; canvases
+    square or up to 2:1 either way, of 0.7-4x the side the processor keeps (image_size**2 pixels), so that its bicubic
+    resize blurs and aliases them as it does a person's file; a continuous size within each size word; a shade of the
+    color word; a little squashed and turned; anywhere on the canvas; hard-edged or anti-aliased (drawn 2x or 4x and
+    reduced); 40% saved as JPEG. Stored at most 48x48 px, a small shape spans 7-24 px: 4-px patches tell its outline
+    apart where 8-px ones (at 64 px) left a tiny ViT at half the accuracy after as many steps. Each is drawn at about
+    the size it is kept at: never a 1600-px canvas to make 48 px."""
     for i in indices:
         r = random.Random(f"{seed}-{i}")
         shape, color = r.choice(SHAPES), r.choice(list(SHADES))
         bg, size = r.choice(list(GRAYS)), r.choice(list(EXTENTS))
-        long = r.uniform(80, 800)
+        side = image_size * math.exp(r.uniform(math.log(0.7), math.log(4)))  # of a square of the canvas's area
         aspect = 1 if r.random() < 0.3 else math.exp(r.uniform(0, math.log(2)))
-        w, h = (round(long), round(long / aspect)) if r.random() < 0.5 else (round(long / aspect), round(long))
-        k = min(r.choice((1, 2, 4)), 1600 // max(w, h))  # supersampling; 1 draws hard, aliased edges
+        w, h = round(side * aspect ** 0.5), round(side / aspect ** 0.5)
+        w, h = (w, h) if r.random() < 0.5 else (h, w)
+        k = max(1, min(r.choice((1, 2, 4)), 400 // max(w, h)))  # supersampling; 1 draws hard, aliased edges
         g = r.uniform(*GRAYS[bg])
-        im = Image.new('RGB', (w * k, h * k), tuple(round(min(255, max(0, g + r.uniform(-4, 4)))) for _ in range(3)))
+        back = tuple(round(min(255, max(0, g + r.uniform(-4, 4)))) for _ in range(3))
+        im = Image.new('RGB', (w * k, h * k), back)
         h0, h1, v0 = SHADES[color]
         rgb = colorsys.hsv_to_rgb(r.uniform(h0, h1) / 360 % 1, r.uniform(0.7, 1), r.uniform(v0, 1))
         s = r.uniform(*EXTENTS[size]) * min(w, h) / 2  # half the extent
-        q = r.uniform(0.85, 1)
+        q = r.uniform(0.75, 1)
         sx, sy = (s, s * q) if r.random() < 0.5 else (s * q, s)
-        t = math.radians(r.uniform(-10, 10)) if shape != 'circle' else 0
-        c, si = math.cos(t), math.sin(t)
-        pts = [(x * sx * c - y * sy * si, x * sx * si + y * sy * c)
-               for x, y in (cross(r.uniform(0.25, 0.45)) if shape == 'cross' else OUTLINES[shape])]
-        xs, ys = [x for x, _ in pts], [y for _, y in pts]
-        cx = min(max(w / 2 + r.uniform(-0.3, 0.3) * w, 2 - min(xs)), w - 2 - max(xs))  # whole on the canvas
-        cy = min(max(h / 2 + r.uniform(-0.3, 0.3) * h, 2 - min(ys)), h - 2 - max(ys))
-        ImageDraw.Draw(im).polygon([((cx + x) * k, (cy + y) * k) for x, y in pts],
-                                   fill=tuple(round(255 * v) for v in rgb))
+        unit = outline(shape, r)
+        for t in (math.radians(r.uniform(-12, 12)) if shape != 'circle' else 0, 0):  # unturned, if turned won't fit
+            c, si = math.cos(t), math.sin(t)
+            pts = [(x * sx * c - y * sy * si, x * sx * si + y * sy * c) for x, y in unit]
+            xs, ys = [x for x, _ in pts], [y for _, y in pts]
+            if max(xs) - min(xs) < w - 2 and max(ys) - min(ys) < h - 2:
+                break
+        cx = min(max(w / 2 + r.uniform(-0.3, 0.3) * w, 1 - min(xs)), w - 1 - max(xs))  # whole on the canvas
+        cy = min(max(h / 2 + r.uniform(-0.3, 0.3) * h, 1 - min(ys)), h - 1 - max(ys))
+        pts = [((cx + x) * k, (cy + y) * k) for x, y in pts]
+        ink = tuple(round(255 * v) for v in rgb)
+        ImageDraw.Draw(im).polygon(pts, fill=ink)
+        if r.random() < 0.4:  # an outline: a stroke of 1.2-3 px where the processor keeps it (at most 15% of the
+            stroke = k * min(r.uniform(1.2, 3) * side / image_size, 0.3 * s)  # extent), inside the shape's edge
+            ImageDraw.Draw(im).polygon(inset(pts, stroke), fill=back)
         im = im.resize((w, h), Image.BOX) if k > 1 else im
         if r.random() < 0.4:
             im = load_image(io.BytesIO(encode(im, dict(format='JPEG', quality=r.randint(30, 95)))))
-        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg, captions), prompt), [im]
+        yield f"drawings-{seed}-{i}", caption_row(shape_caption(size, color, shape, bg), prompt), [im]
+
+
+def tar_complete(path):
+    """Whether an uncompressed tar shard ends with its end-of-archive marker (two zero blocks): one cut short at a
+    member boundary reads without error, as a shard with fewer samples."""
+    with open(path, 'rb') as f:
+        if f.read(2) == b'\x1f\x8b':
+            return True  # gzip: a cut stream fails as it is read
+        n = f.seek(0, 2)
+        f.seek(max(0, n - 1024))
+        return n >= 1024 and n % 512 == 0 and f.read() == bytes(1024)
 
 
 def tar_samples(path, prompt):
     stem = os.path.splitext(os.path.basename(path))[0]
+    if not tar_complete(path):
+        raise ValueError(f"{path}: cut short (no end-of-archive marker): a copy or download stopped partway")
 
     def sample(key, files):
         image = next((files[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in files), None)
@@ -269,17 +322,18 @@ def json_rows(payload, llava):  # llava: rows of "conversations", else of "messa
 DATASETS = ('shapes', 'drawings', 'tars', 'chat', 'llava')
 # generated here, with their own tokenizer: their defaults for how many images, the largest side the processor keeps
 # (max_pixels = image_size**2), its patch size and the held-out fraction (400-640 images)
-SYNTHETIC = {'shapes': dict(num_samples=8000, image_size=96, patch_size=16, val_frac=0.05),
-             'drawings': dict(num_samples=64000, image_size=48, patch_size=4, val_frac=0.01)}
+SYNTHETIC = {'shapes': dict(num_samples=8000, image_size=96, patch_size=16, val_frac=0.05, captions='full'),
+             'drawings': dict(num_samples=64000, image_size=48, patch_size=4, val_frac=0.01, captions='full,shape')}
+DRAWN_BY = 2  # drawings(): its second routine (outlines, proportions, drawn at the kept size); meta.json records it
 
 
 def source(o):
     """The source of dataset o.dataset as a function of a work unit's payload alone, the options it reads bound
     (a partial of a module function: it travels to the pool's workers, whatever their start method)."""
     if o.dataset == 'shapes':
-        return partial(shapes, seed=o.seed, image_size=o.image_size, prompt=o.prompt, captions=o.captions)
+        return partial(shapes, seed=o.seed, image_size=o.image_size, prompt=o.prompt)
     if o.dataset == 'drawings':
-        return partial(drawings, seed=o.seed, prompt=o.prompt, captions=o.captions)
+        return partial(drawings, seed=o.seed, prompt=o.prompt, image_size=o.image_size)
     if o.dataset == 'tars':
         return partial(tar_samples, prompt=o.prompt)
     return partial(json_rows, llava=o.dataset == 'llava')
@@ -318,11 +372,26 @@ def encode(image, fmt):
     return b.getvalue()
 
 
-def work(name, payload, source, proc, out_dir, val_frac, max_seq_len, fmt):
+def work(name, payload, source, proc, views, val_frac, max_seq_len, fmt, lengths=None):
     """Work unit NAME: the samples source(payload) yields, resized by proc, measured, split and written as piece NAME
-    of each split under out_dir, images saved as fmt. -> (name, counts, None), or (name, None, why) when the source
-    itself is unreadable (its pieces are then removed, for a re-run to retry)."""
-    counts, pieces = Counter(), {s: Piece(out_dir, s, name) for s in ('train', 'val')}
+    of each split under each view's out_dir, images saved as fmt. views: (out_dir, words) pairs, words 'full' (the
+    rows as they come) or 'shape' (shape_words). -> (name, counts, None), counts those of the first view (the others
+    differ only in lengths), or (name, None, why) when the source itself is unreadable (its pieces are then removed,
+    for a re-run to retry). lengths: the rows' lengths by messages and image sizes, kept by a pool worker."""
+    counts, lengths = Counter(), {} if lengths is None else lengths
+    pieces = [{s: Piece(out_dir, s, name) for s in ('train', 'val')} for out_dir, _ in views]
+
+    def length(messages, images):
+        """The row's length as training will see it, None where collate rejects it (training would fail on it too).
+        It depends on the messages and the image sizes alone, which the generated datasets repeat: a pool worker
+        keeps theirs from unit to unit (the other datasets' rows are each their own: one unit's, then dropped)."""
+        key = json.dumps(messages), tuple(im.size for im in images)
+        if key not in lengths:
+            try:
+                lengths[key] = proc.collate([{'messages': messages, 'images': images}])['input_ids'].shape[1]
+            except Exception:
+                lengths[key] = None
+        return lengths[key]
     try:
         for s in source(payload):
             if isinstance(s, str):
@@ -334,25 +403,26 @@ def work(name, payload, source, proc, out_dir, val_frac, max_seq_len, fmt):
             except Exception:
                 counts['bad image'] += 1
                 continue
-            try:  # the length training will see; a row collate rejects would fail training too
-                n = proc.collate([{'messages': messages, 'images': images}])['input_ids'].shape[1]
-            except Exception:
+            rows = [(messages if words == 'full' else shape_words(messages)) for _, words in views]
+            ns = [length(m, images) for m in rows]
+            if None in ns:
                 counts['bad row'] += 1
                 continue
-            if n > max_seq_len:
+            if max(ns) > max_seq_len:
                 counts['too long'] += 1
                 continue
             blobs = [encode(im, fmt) for im in images]
-            head = json.dumps({'key': key, 'messages': messages, 'sizes': [len(b) for b in blobs]})
             split = 'val' if is_val(key, val_frac) else 'train'
-            pieces[split].add(head.encode() + b'\n' + b''.join(blobs), n)
+            for p, m, n in zip(pieces, rows, ns):
+                head = json.dumps({'key': key, 'messages': m, 'sizes': [len(b) for b in blobs]})
+                p[split].add(head.encode() + b'\n' + b''.join(blobs), n)
             counts[split] += 1
             counts[f'{split} turns'] += sum(m['role'] == 'assistant' for m in messages)
     except Exception as e:  # the source itself is unreadable (e.g. a truncated tar): leave it for a re-run
-        for p in pieces.values():
+        for p in (p for ps in pieces for p in ps.values()):
             p.close(keep=False)
         return name, None, f"{type(e).__name__}: {e}"
-    for p in pieces.values():
+    for p in (p for ps in pieces for p in ps.values()):
         p.close()
     return name, dict(counts), None
 
@@ -416,12 +486,15 @@ def resolve(options):
     o.image_size = o.image_size or defaults['image_size']
     if not isinstance(o.val_frac, (int, float)) or not 0 <= o.val_frac < 1:
         die(f"--val_frac must be a number in [0, 1), got {o.val_frac!r}")
-    if o.captions not in ('full', 'shape'):
-        die(f"--captions must be 'full' or 'shape', got {o.captions!r}")
-    if o.captions != 'full' and o.dataset not in SYNTHETIC:
+    if o.captions is not None and o.dataset not in SYNTHETIC:
         die(f"--captions={o.captions} is for the generated datasets ({', '.join(SYNTHETIC)}), "
             f"not --dataset={o.dataset}")
-    o.out_dir = o.out_dir or os.path.join('data', o.dataset + ('-shape' if o.captions == 'shape' else ''))
+    o.captions = o.captions or defaults.get('captions', 'full')
+    words = o.captions.split(',')
+    if not words or any(w not in ('full', 'shape') for w in words) or len(set(words)) < len(words):
+        die(f"--captions must be 'full', 'shape' or 'full,shape', got {o.captions!r}")
+    base = o.out_dir or os.path.join('data', o.dataset)
+    o.views = [(base if w == 'full' else base.rstrip('/\\') + '-shape', w) for w in words]  # (out_dir, words)
     return o
 
 
@@ -476,56 +549,86 @@ def work_units(o):
     return processor, units
 
 
-def run_pool(o, todo, processor_dir):
-    """The units of todo written by a pool of workers, each finished piece listed in done.jsonl as it comes.
-    -> how many were left undone, their source unreadable."""
-    settings = dict(source=source(o), out_dir=o.out_dir, val_frac=o.val_frac, max_seq_len=o.max_seq_len,
-                    fmt=dict(format='PNG') if o.dataset in SYNTHETIC else dict(format='JPEG', quality=95))
-    failed = 0
-    with Pool(min(o.num_workers, len(todo)), init, (processor_dir, o.min_pixels, o.max_pixels, settings)) as pool, \
-            open(os.path.join(o.out_dir, 'done.jsonl'), 'a') as log:
+def open_done(out_dir):
+    """out_dir/done.jsonl opened to append to, a last line that an interrupted run cut short dropped first (its piece
+    is done again): only whole lines count."""
+    path = os.path.join(out_dir, 'done.jsonl')
+    with open(path, 'ab+') as f:
+        f.seek(0)
+        text = f.read()
+        f.truncate(text.rfind(b'\n') + 1)
+    return open(path, 'a')
+
+
+def run_pool(o, todo, processor_dir, done):
+    """The units of todo written by a pool of workers, each finished piece listed as it comes in the done.jsonl of
+    each view that lacks it (done: each view's finished pieces). -> how many were left undone, their source
+    unreadable."""
+    settings = dict(source=source(o), views=o.views, val_frac=o.val_frac, max_seq_len=o.max_seq_len,
+                    fmt=dict(format='PNG') if o.dataset in SYNTHETIC else dict(format='JPEG', quality=95),
+                    lengths={} if o.dataset in SYNTHETIC else None)
+    failed, logs = 0, [open_done(out_dir) for out_dir, _ in o.views]
+    with Pool(min(o.num_workers, len(todo)), init, (processor_dir, o.min_pixels, o.max_pixels, settings)) as pool:
         for name, counts, err in tqdm(pool.imap_unordered(pool_work, todo), total=len(todo), desc=o.dataset,
                                       unit='piece'):
             if err:
                 failed += 1
                 tqdm.write(f"warning: {name} left undone: {err}", file=sys.stderr)
                 continue
-            log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
-            log.flush()
+            for log, d in zip(logs, done):
+                if name not in d:
+                    log.write(json.dumps({'name': name, 'counts': counts}) + '\n')
+                    log.flush()
+    for log in logs:
+        log.close()
     return failed
 
 
+def view_settings(o, words):
+    """What one view's meta.json records: the options, its caption words, and drawings()'s version."""
+    settings = {k: v for k, v in vars(o).items() if k not in ('out_dir', 'num_workers', 'views', 'captions')}
+    if words != 'full':  # recorded only when not 'full', so that a meta.json written before the option still matches
+        settings['captions'] = words
+    if o.dataset == 'drawings':
+        settings['drawn_by'] = DRAWN_BY
+    return settings
+
+
 def main(options):
-    """`python prepare.py`: the options block's values (after the command line) -> out_dir prepared or added to,
-    and one summary line on stdout."""
+    """`python prepare.py`: the options block's values (after the command line) -> each view's out_dir prepared or
+    added to (one for the real datasets; one per caption set of the generated ones), and a summary line for each on
+    stdout."""
     o = resolve(options)
-    settings = {k: v for k, v in vars(o).items() if k not in ('out_dir', 'num_workers')}
-    if o.captions == 'full':  # so that a meta.json written before the option existed still matches
-        del settings['captions']
-    meta_path = os.path.join(o.out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        check_resume(meta_path, o.out_dir, settings)
+    for out_dir, words in o.views:
+        meta_path = os.path.join(out_dir, 'meta.json')
+        if os.path.exists(meta_path):
+            check_resume(meta_path, out_dir, view_settings(o, words))
     processor, units = work_units(o)
 
-    for split in ('train', 'val'):
-        os.makedirs(os.path.join(o.out_dir, split), exist_ok=True)
-    if not os.path.exists(meta_path):
-        with open(meta_path, 'w') as f:
-            json.dump({'config': settings, 'processor': processor}, f, indent=1)
-    if processor == '.' and not os.path.exists(os.path.join(o.out_dir, 'tokenizer.json')):
-        shapes_processor(o.dataset, o.prompt, o.image_size, o.min_pixels, o.max_pixels).save_pretrained(o.out_dir)
-    done = read_done(o.out_dir)
-    todo = [u for u in units if u[0] not in done]
-    failed = run_pool(o, todo, o.out_dir if processor == '.' else processor) if todo else 0
-    total = sum(map(Counter, read_done(o.out_dir).values()), Counter())
-    if o.dataset in SYNTHETIC and total['val']:  # a held-out image for README's `python sample.py` command
-        PreparedDataset(o.out_dir, 'val')[0]['images'][0].save(os.path.join(o.out_dir, 'example.png'))
-    kept = ('train', 'val', 'train turns', 'val turns')
-    skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in kept)
-    print(f"{o.out_dir}: {total['train']} train + {total['val']} val rows "
-          f"({total['train turns']} + {total['val turns']} assistant turns); skipped: {skipped or 'none'}"
-          + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units) else '')
-          + (f"; {failed} unreadable sources left undone (re-run to retry)" if failed else ''))
+    own = shapes_processor(o.dataset, o.prompt, o.image_size, o.min_pixels, o.max_pixels) if processor == '.' else None
+    for out_dir, words in o.views:
+        for split in ('train', 'val'):
+            os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        meta_path = os.path.join(out_dir, 'meta.json')
+        if not os.path.exists(meta_path):
+            with open(meta_path, 'w') as f:
+                json.dump({'config': view_settings(o, words), 'processor': processor}, f, indent=1)
+        if own and not os.path.exists(os.path.join(out_dir, 'tokenizer.json')):
+            own.save_pretrained(out_dir)
+    done = [read_done(out_dir, cut_ok=True) for out_dir, _ in o.views]
+    todo = [u for u in units if any(u[0] not in d for d in done)]
+    failed = run_pool(o, todo, o.views[0][0] if processor == '.' else processor, done) if todo else 0
+    for out_dir, _ in o.views:
+        total = sum(map(Counter, read_done(out_dir).values()), Counter())
+        if o.dataset in SYNTHETIC and total['val']:  # a held-out image for README's `python sample.py` command
+            PreparedDataset(out_dir, 'val')[0]['images'][0].save(os.path.join(out_dir, 'example.png'))
+        kept = ('train', 'val', 'train turns', 'val turns')
+        skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in kept)
+        print(f"{out_dir}: {total['train']} train + {total['val']} val rows "
+              f"({total['train turns']} + {total['val turns']} assistant turns); skipped: {skipped or 'none'}"
+              + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units)
+                 else '')
+              + (f"; {failed} unreadable sources left undone (re-run to retry)" if failed else ''))
 
 
 if __name__ == '__main__':

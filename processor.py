@@ -159,6 +159,10 @@ def load_image(path):
 
 
 def to_rgb(image):
+    """RGB, alpha composited on white. 16-bit grayscale (Pillow's I;16 modes: 16-bit PNG and TIFF) is scaled to 8
+    bits, v / 257; transformers' convert("RGB") clips it instead, so that nearly every pixel comes out white."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray(np.round(np.asarray(image, np.float32) / 257).astype(np.uint8), "L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
@@ -254,7 +258,11 @@ class Processor:
 
         if not (d / "tokenizer.json").exists():
             raise ValueError(f"{d}: no tokenizer.json (this processor reads tokenizers-format tokenizers only)")
-        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        try:
+            tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises plain Exceptions that name no file
+            raise ValueError(f"{d / 'tokenizer.json'}: not a tokenizers tokenizer.json "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         tc = read("tokenizer_config.json")
         special = {k: v.get("content") if isinstance(v, dict) else v for k, v in tc.items() if k.endswith("_token")}
         extra = tc.get("extra_special_tokens")
@@ -352,10 +360,14 @@ class Processor:
             np.divide(y, self._std, out=y)
             out[ends[k] - n:ends[k]] = y  # broadcast: the frame repeated on the temporal axis
 
-        # PIL's resize and numpy's loops release the GIL, so images run side by side, one per intra-op thread (one in a
-        # data loader worker, where torch keeps a single thread)
-        with ThreadPoolExecutor(max(1, min(len(images), torch.get_num_threads()))) as pool:
-            list(pool.map(one, range(len(images))))
+        # PIL's resize and numpy's loops release the GIL, so images run side by side, one per intra-op thread; in line
+        # where there is one image or one thread (a data loader worker's): a pool costs more than a small image
+        workers = min(len(images), torch.get_num_threads())
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, range(len(images))))
+        else:
+            list(map(one, range(len(images))))
         return torch.from_numpy(out).view(-1, 3 * T * P * P), grid  # (N, 3*T*P*P), (n, 3)
 
     # ---- text

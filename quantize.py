@@ -13,14 +13,13 @@ the norms, the vision tower and the projector (small, and run once per image), a
 (quantizing it would add an int8 copy beside the float table the embedding lookup still needs).
 The checkpoint is the artemis-vlm layout with `<linear>.weight` in int8 and `<linear>.scales` beside it, and a
 "quantization" entry in config.json, from which checkpoint.from_pretrained builds these modules before its strict
-load, one tensor at a time. transformers cannot load it; train.py refuses it (int8 weights
-take no gradients).
+load, one tensor at a time. transformers cannot load it; train.py refuses it (int8 weights take no gradients), but
+trains LoRA adapters over its int8 decoder with lora_base = "int8".
 """
-import os
 
 import torch
 
-from checkpoint import copy_side_files, from_pretrained, int8_targets, nbytes, resolve, save_pretrained
+from checkpoint import check_new_dir, copy_side_files, from_pretrained, int8_targets, nbytes, resolve, save_pretrained
 from configurator import configure, die
 from model import Int8Linear
 
@@ -58,8 +57,13 @@ def main():
         die("expected --init_from=<checkpoint dir, training out_dir or hub id> and --out_dir=<new dir>")
     try:
         src = resolve(init_from)
-        if os.path.realpath(src) == os.path.realpath(out_dir):
-            die(f"--out_dir={out_dir}: is the checkpoint being quantized; give a new directory")
+    except (ValueError, FileNotFoundError) as e:
+        die(f"--init_from: {e}")
+    try:  # before the weights load
+        check_new_dir(out_dir, init_from, src)
+    except ValueError as e:
+        die(str(e))
+    try:
         model = from_pretrained(src)  # in its own dtype: the scales keep it
     except (ValueError, FileNotFoundError) as e:
         die(f"--init_from: {e}")

@@ -11,7 +11,7 @@ image of a folder written as JSON lines.
     python sample.py --image="photos/*.jpg" --batch_size=16                 # a glob is a folder run too
 
 Options are the globals below; override them on the command line or in a config file (configurator.py).
-With no --init_from it uses the shapes demo's checkpoint, out-shapes/ckpt. A prompt run prints a summary line
+No --init_from: out-drawings/ckpt (README's first command), else out-shapes/ckpt. A prompt run prints a summary line
 (prompt and image tokens, time to first token, decode speed) to stderr after each sample, so stdout holds only the
 text. A folder run (--image names a directory or a glob; a file or a comma-separated list of files is one prompt)
 captions each image on its own, --batch_size at a time through engine.py's continuous batching (an image takes the
@@ -84,20 +84,24 @@ def caption_folder(model, processor, decode_one, paths):
     """Caption each image on its own through engine.py's continuous batching, batch_size rows at a time: a caption
     that ends frees its row for the next image at once, so one long caption never holds back the others. Lines are
     written as captions end."""
-    captioned, text = set(), ""
+    captioned = set()
     if out and os.path.exists(out):
-        with open(out, encoding="utf-8") as f:
+        with open(out, "rb") as f:
             text = f.read()
-        for line in text.splitlines():
+        whole = text[:text.rfind(b"\n") + 1]
+        if len(whole) < len(text):  # a last line an interrupted run cut short goes; its image is done again
+            if not text[len(whole):].startswith(b'{"image": '):
+                die(f"--out={out}: ends in a line that is not one of this command's captions; expected the JSON "
+                    "lines a folder run writes, or a new file")
+            os.truncate(out, len(whole))
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             try:
                 captioned.add(os.path.abspath(json.loads(line)["image"]))
-            except (ValueError, KeyError, TypeError):  # a line an interrupted run cut short: that image goes again
+            except (ValueError, KeyError, TypeError):  # not one of ours: left as it is
                 pass
     seeds = {p: seed + k for k, p in enumerate(paths)}  # an image's own: its caption is the same in any batch
     todo = [p for p in paths if os.path.abspath(p) not in captioned]
     sink = open(out, "a", encoding="utf-8") if out else sys.stdout
-    if text and not text.endswith("\n"):
-        sink.write("\n")
     chat = chat_prompt(processor, 1)
     ctx = model.config.text.max_position_embeddings
     image_tokens = processor.max_pixels // (processor.patch_size * processor.merge_size) ** 2  # the most an image gives
@@ -197,6 +201,10 @@ def sample_prompt(model, processor, decode_one, images):
 def main():
     if max_new_tokens < 1:
         die(f"--max_new_tokens={max_new_tokens}: expected at least 1")
+    if not temperature >= 0:  # a number, by its default's type; NaN fails too
+        die(f"--temperature={temperature}: expected 0 (greedy) or more")
+    if num_samples < 1:
+        die(f"--num_samples={num_samples}: expected at least 1")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         die(f"--top_k={top_k}: expected a whole number of at least 1")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):

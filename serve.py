@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from configurator import configure, die
+from checkpoint import demo
 from engine import Engine, Request, held, load
 from processor import load_image
 
@@ -555,7 +556,7 @@ if __name__ == "__main__":
         engine.submit(Request(torch.tensor([processor.pad_id]), 2))
         while engine.busy():
             engine.step()
-    model_id, started = init_from or "out-shapes", int(time.time())
+    model_id, started = init_from or demo(), int(time.time())  # what load() took
     threading.Thread(target=engine.serve, daemon=True).start()
     Handler.timeout = request_timeout  # on every read and write of a connection's socket
     try:

@@ -4,21 +4,28 @@ Train the Artemis graft, both stages, in one loop that reads top to bottom (afte
     python train.py config/shapes.py                      # the CPU demo (after python prepare.py --dataset=shapes)
     python train.py config/stage1.py                      # A2 + Qwen3-VL-2B vision: projector alignment (A3 recipe)
     torchrun --standalone --nproc_per_node=8 train.py config/stage2.py   # multimodal instruction tuning
+    python train.py config/stage2_single.py               # the same on one 128 GB device: bf16 weights, 8-bit AdamW
+    python train.py config/stage2_lora.py                 # the same with LoRA adapters, on one GPU
 
 stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the
 vision tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters
-get optimizer state. Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py, artemis-vlm and
-transformers load them) with the tokenizer and `train_state.pt`, the resume state: optimizer, step, RNG. The data
-order is a fixed function of seed and step, so the step is the data position. `dataset` may mix prepared datasets
+get optimizer state. `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead, in bf16 on CUDA or
+in int8 (`lora_base = "int8"`). Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py, artemis-vlm
+and transformers load them), or a LoRA run's as a PEFT adapter naming its base, with the tokenizer and
+`train_state.pt`, the resume state: optimizer, step, RNG. Under fsdp each process writes its shards of the trainable
+weights and optimizer state (torch.distributed.checkpoint) beside them. The data order is a fixed function of seed
+and step, so the step is the data position. `dataset` may mix prepared datasets
 by weight ("data/llava:3,data/a2-text:1": Stage 2 with text rehearsal); eval reports each source's held-out loss and
 captions a few held-out images. Micro-batches are cut from rows of similar length, so they pad little.
 """
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -28,12 +35,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import from_parts, from_pretrained, load_train_state, resolve, save_train_state
+from checkpoint import (check_save, from_parts, from_pretrained, load_sharded, load_train_state, read_adapter_config,
+                        resolve, save_sharded, save_train_state)
 from configurator import configure, die
 from dataset import Mixture
+from lora import TARGETS, apply_lora
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from processor import Processor, has_think
+from quantize import quantize_int8
 from vision import VisionConfig
+
+# a log line goes out as printed: through a pipe (`| tee`, a job scheduler) Python would hold it in a block buffer
+sys.stdout.reconfigure(line_buffering=True)
 
 # -----------------------------------------------------------------------------
 # default config values: Stage-1 of A2 + Qwen3-VL-2B on BLIP3o, as config/stage1.py
@@ -71,7 +84,15 @@ vision_out = 128
 stage = "stage1"  # 'stage1': projector; 'stage2': projector + decoder
 vision_top_n = 0  # open the top N vision blocks
 gradient_checkpointing = False  # recompute decoder layers in the backward pass
+# LoRA, stage2: adapters on the frozen decoder's linears (lora.py); the projector and opened vision blocks train in full
+lora_rank = 0  # 0: off, the decoder trains in full
+lora_alpha = 16  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05
+lora_targets = ",".join(TARGETS)  # which linears of each decoder layer get adapters
+lora_base = ""  # the frozen decoder: '' in the autocast dtype (bf16 on CUDA); 'int8': quantize.py's (QLoRA-style)
 # AdamW: one learning rate per part, warmup then cosine to min_lr_frac
+optimizer = "adamw"  # 'adamw': torch's; 'adamw8bit': torchao's, moments in 8 bits (block-wise scaled)
+master_weights = "fp32"  # the trainable weights' dtype; 'bf16': torchao rounds each update stochastically
 learning_rate = 1e-3  # projector
 decoder_lr = 2e-5
 vision_lr = 2e-6
@@ -102,12 +123,37 @@ if stage not in ("stage1", "stage2"):
     die(f"stage={stage!r}, expected 'stage1' or 'stage2'")
 if train_on not in ("all", "last"):
     die(f"train_on={train_on!r}, expected 'all' or 'last'")
+if optimizer not in ("adamw", "adamw8bit"):
+    die(f"optimizer={optimizer!r}, expected 'adamw' or 'adamw8bit'")
+if master_weights not in ("fp32", "bf16"):
+    die(f"master_weights={master_weights!r}, expected 'fp32' or 'bf16'")
+if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
+    die(f"master_weights='bf16' computes in bf16: set dtype='bfloat16' (it is {dtype!r})")
+if optimizer == "adamw8bit" or master_weights == "bf16":  # torchao's optimizers; found out before a 12B model loads
+    # its optional C++ kernels, which these pure-PyTorch optimizers never call, warn on import where they were built
+    # for another Python or torch: kept off stderr, where an error is one line
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        import torchao.optim  # the global `torchao`, used where the optimizer is built
+    except ImportError as e:
+        die(f"optimizer={optimizer!r} with master_weights={master_weights!r} needs torchao (pip install torchao): {e}")
 for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if globals()[k] < 1:
         die(f"{k}={globals()[k]}, expected at least 1")
-for k in ("length_window", "eval_samples"):
+for k in ("length_window", "eval_samples", "lora_rank"):
     if globals()[k] < 0:
         die(f"{k}={globals()[k]}, expected 0 (off) or more")
+targets = lora_targets.split(",")
+if lora_rank and stage != "stage2":
+    die(f"lora_rank={lora_rank} adapts the decoder, which trains in stage2 only; set stage='stage2'")
+if lora_rank and init_from not in ("pretrained", "resume"):
+    die(f"lora_rank={lora_rank} adapts an artemis checkpoint: set init_from='pretrained' (or 'resume')")
+if lora_rank and fsdp:
+    die(f"lora_rank={lora_rank} with fsdp=True: a LoRA run fits one GPU; with fsdp=False, torchrun adds GPUs as DDP")
+if set(targets) - set(TARGETS):
+    die(f"lora_targets={lora_targets!r}, expected a comma-separated subset of {','.join(TARGETS)}")
+if lora_base not in ("", "int8") or lora_base and not lora_rank:
+    die(f"lora_base={lora_base!r}, expected '' or 'int8' (with lora_rank set)")
 ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
 if fsdp and not ddp:
     die("fsdp=True shards over processes: launch with torchrun --nproc_per_node=N")
@@ -136,6 +182,10 @@ autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_
 if master:
     os.makedirs(out_dir, exist_ok=True)
 ckpt_dir = os.path.join(out_dir, "ckpt")
+try:  # now, not at the first save after hours of training
+    check_save(ckpt_dir)
+except ValueError as e:
+    die(f"out_dir={out_dir!r}: {e}")
 
 # data -------------------------------------------------------------------------------------------------------------
 try:  # before a 12B model loads for nothing
@@ -155,17 +205,26 @@ if steps_per_epoch == 0:
 warmup_iters = int(warmup_frac * max_iters)
 
 # model and processor -------------------------------------------------------------------------------------------
-# Frozen weights are kept in the autocast dtype (a 12B decoder in fp32 would not fit); trainable ones in fp32,
-# the optimizer's master copy.
+# Frozen weights are kept in the autocast dtype (a 12B decoder in fp32 would not fit); trainable ones in fp32 (or bf16:
+# master_weights), the optimizer's master copy.
 frozen_dtype = ptdtype
 
 
 def init_model():
-    """(model, processor) as init_from says; a resumed run's optimizer, step and RNG are restored by resume() below."""
+    """(model, processor, where a LoRA run's base comes from) as init_from says; a resumed run's optimizer, step and
+    RNG, and a LoRA run's adapters, are restored by resume() below."""
     if init_from in ("resume", "pretrained"):
         path = resolve(ckpt_dir if init_from == "resume" else pretrained)  # a hub id is fetched once, for both loaders
-        model = from_pretrained(path, dtype=frozen_dtype, device=device)
+        adapter = read_adapter_config(path)
+        if adapter and lora_rank and init_from == "pretrained":
+            raise ValueError(f"{path} is a LoRA adapter; merge it (python lora.py --init_from={pretrained} "
+                             "--out_dir=...) and adapt the merged checkpoint")
+        # a LoRA run resumes on its frozen base (from_pretrained would merge the adapters into it)
+        base = adapter["base_model_name_or_path"] if adapter and init_from == "resume" else None
+        model = from_pretrained(resolve(base) if base else path, dtype=frozen_dtype, device=device)
         processor = Processor.from_pretrained(path)
+        # where PEFT finds the base: the checkpoint directory itself (inside a training out_dir), or the hub id
+        return model, processor, base or (os.path.abspath(path) if os.path.exists(pretrained) else pretrained)
     elif init_from == "parts":
         path = resolve(text_model)
         model = from_parts(path, vision_model, image_token_id, dtype=frozen_dtype, device=device, seed=seed)
@@ -190,13 +249,14 @@ def init_model():
                 torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
             elif "norm" not in name:
                 torch.nn.init.zeros_(p)
+        model.to(frozen_dtype)  # as a loaded checkpoint is: else a resumed run's frozen weights would differ
     else:
         die(f"init_from={init_from!r}, expected 'parts', 'pretrained', 'resume' or 'scratch'")
-    return model, processor
+    return model, processor, None
 
 
 try:
-    model, processor = init_model()
+    model, processor, lora_from = init_model()
 except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key or argument
     die(f"init_from={init_from!r}: {e}")
 if model.config.quantization:  # int8 weights take no gradients, and saving would write float over them
@@ -206,12 +266,25 @@ if processor.image_token_id != model.config.image_token_id:
     die(f"the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
                      f"image_token_id is {model.config.image_token_id}")
 n_trainable, n_total = model.set_training_stage(stage, vision_top_n)
+# LoRA: the decoder frozen (in int8 under lora_base='int8'), adapters on its linears, PEFT's config for the checkpoint
+adapter = None
+if lora_rank:
+    if lora_base == "int8":
+        quantize_int8(model)
+    apply_lora(model, lora_rank, lora_alpha, lora_dropout, targets)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    whole = all(p.requires_grad for p in model.visual.parameters())
+    opened = [f"visual.blocks.{i}" for i, b in enumerate(model.visual.blocks) if next(b.parameters()).requires_grad]
+    adapter = dict(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                   modules_to_save=["multi_modal_projector"] + (["visual"] if whole else opened),
+                   base_model_name_or_path=lora_from)
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-for p in trainable.values():
-    p.data = p.data.float()  # the optimizer's master copy; a resumed run reads the saved fp32 values into it
+for p in trainable.values():  # the optimizer's master copy; a resumed run reads the saved values into it
+    p.data = p.data.to(torch.bfloat16 if master_weights == "bf16" else torch.float32)
 model.language_model.gradient_checkpointing = gradient_checkpointing
 if master:
-    print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters")
+    print(f"{stage}: training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters"
+          + (f" (LoRA r={lora_rank} on the {lora_base or dtype} decoder of {lora_from})" if lora_rank else ""))
 
 # wrap for the step: the raw module stays `model`, for saving and eval; before the optimizer, since FSDP2 swaps
 # the parameters for sharded ones ----------------------------------------------------------------------------------
@@ -226,7 +299,7 @@ if fsdp:
 train_model = torch.compile(model) if compile else model
 if ddp and not fsdp:  # find_unused_parameters: a micro-batch of text-only rows leaves the vision side without grads
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None,
-                      find_unused_parameters=True)
+                      find_unused_parameters=True, broadcast_buffers=False)  # buffers (int8 weights) never train
 
 # optimizer: one group per part, decay on matrices only --------------------------------------------------------
 parts = {"projector": (model.multi_modal_projector, learning_rate), "decoder": (model.language_model, decoder_lr),
@@ -238,7 +311,12 @@ for name, (module, lr) in parts.items():
         sel = [p for p in ps if (p.dim() >= 2) == decay]
         if sel:
             groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
-optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
+if optimizer == "adamw" and master_weights == "fp32":  # the config key's string; from here on, the optimizer
+    optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
+else:  # torchao steps in fp32 and rounds a bf16 weight stochastically: updates below its resolution still add up
+    # (torch's AdamW rounds them to nearest, where they vanish); _AdamW is its plain AdamW, as its README shows
+    make = torchao.optim.AdamW8bit if optimizer == "adamw8bit" else torchao.optim._AdamW
+    optimizer = make(groups, betas=(beta1, beta2), bf16_stochastic_round=master_weights == "bf16")
 params = [p for g in groups for p in g["params"]]
 
 def train_batches(start_iter):
@@ -257,9 +335,12 @@ def own_group(worker_id):
 
 def loader(ds, batches):
     collate = partial(processor.collate, train_on=train_on)
+    # a generator of its own: each new loader draws its workers' base seed from it, never from the global RNG that
+    # LoRA dropout and stochastic rounding (master_weights='bf16') draw from, and a resumed run makes its loader at
+    # another step
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
-                                       worker_init_fn=own_group)
+                                       worker_init_fn=own_group, generator=torch.Generator().manual_seed(seed))
 
 
 def to_device(batch):
@@ -335,9 +416,12 @@ def get_lr(it):
 
 
 def save_checkpoint():
-    """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once."""
+    """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once. A LoRA
+    run saves its trainable tensors only; its base stays where the adapter config says it came from."""
     global saved_at
     sd = model.state_dict()
+    if lora_rank:
+        sd = {k: v for k, v in sd.items() if k in trainable}
     if fsdp:  # gather the sharded DTensors one at a time (a collective); only process 0 keeps them, on CPU
         full = {}
         for k, v in sd.items():
@@ -345,41 +429,57 @@ def save_checkpoint():
             if master:
                 full[k] = v.cpu()
         sd = full
-    opt = None if fsdp else optimizer.state_dict()  # sharded optimizer state needs torch.distributed.checkpoint
+    # under fsdp every process writes its own shards of the trainable weights and optimizer state (collective)
+    sharded = save_sharded(ckpt_dir, model, optimizer) if fsdp else None
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}
+    rngs = [rng]
+    if ddp:  # each process's own: LoRA dropout draws a different mask on each
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng)
     saved_at = iter_num
     if master:
-        save_train_state(ckpt_dir, model, processor, state_dict=sd, state={
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "optimizer": opt, "config": config,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}})
+        save_train_state(ckpt_dir, model, processor, state_dict=sd, adapter=adapter, sharded=sharded, state={
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "rng": rngs,
+            "optimizer": None if fsdp else optimizer.state_dict()})
         print(f"saved checkpoint to {ckpt_dir} at iter {iter_num}")
 
 
 def resume():
-    """What save_checkpoint wrote, restored: the fp32 trainable weights, optimizer, RNG; returns (iter_num,
+    """What save_checkpoint wrote, restored: the trainable master weights, optimizer, RNG; returns (iter_num,
     best_val_loss). The data order and the lr schedule are functions of the step and the config keys checked here."""
-    try:
-        state, exact = load_train_state(ckpt_dir, trainable, device)
+    try:  # under fsdp the weights come sharded, below (`trainable` holds the tensors from before sharding)
+        state, exact = load_train_state(ckpt_dir, {} if fsdp else trainable, device)
     except (ValueError, FileNotFoundError) as e:
         die(f"init_from='resume': {e}")
-    was = state["config"]
-    changed = [k for k in ("dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage",
-                           "warmup_frac", "vision_top_n", "length_window") if was.get(k) != config[k]]
+    was = {"lora_rank": 0, "optimizer": "adamw", "master_weights": "fp32", **state["config"]}  # runs before the keys
+    keys = ["dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage", "warmup_frac",
+            "vision_top_n", "length_window", "lora_rank", "optimizer", "master_weights"]
+    keys += ["lora_alpha", "lora_targets", "lora_base"] if lora_rank else []
+    changed = [k for k in keys if was.get(k) != config[k]]
     if changed:
         die(f"resume with other {', '.join(changed)} than the run in {ckpt_dir} "
             f"(it had {', '.join(f'{k}={was.get(k)!r}' for k in changed)})")
-    if state["optimizer"] is None:
-        die(f"{ckpt_dir} was written by an fsdp run, which saves no optimizer state; start from "
-            f"its weights with --init_from=pretrained --pretrained={ckpt_dir}")
-    with torch.no_grad():
-        for n, p in trainable.items():
-            p.copy_(exact[n])  # the saved fp32 master weights themselves, not their rounding to frozen_dtype
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if state["optimizer"] is None:  # an fsdp run's: weights and optimizer state in shards, read at any world size
+        try:
+            load_sharded(ckpt_dir, model, optimizer)
+        except (ValueError, FileNotFoundError) as e:
+            die(f"init_from='resume': {e} (an fsdp run before sharded resume saved none: start from its weights "
+                f"with --init_from=pretrained --pretrained={ckpt_dir})")
+    elif fsdp:
+        die(f"{ckpt_dir} was written without fsdp, its optimizer state whole in one file: resume it with fsdp=False")
+    else:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(exact[n])  # the saved master weights (read in fp32), not their rounding to frozen_dtype
+        optimizer.load_state_dict(state["optimizer"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process since sharded resume
+    rng = rngs[rank] if len(rngs) == world else rngs[0]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["iter_num"], state["best_val_loss"]
 
 
@@ -396,6 +496,29 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
+
+
+def trim_metrics(path, upto):
+    """Resuming at step `upto`: the rows of the steps it goes through again (eval rows of step upto included) leave
+    metrics.jsonl, and so does a last line a kill cut short, swapped in at once."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        *lines, _ = f.read().split("\n")  # what follows the last newline was cut short
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iter"] < upto:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+if master and init_from == "resume":
+    trim_metrics(os.path.join(out_dir, "metrics.jsonl"), iter_num)
 metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
 
@@ -415,7 +538,10 @@ while True:
         stop_requested = bool(flag.item())
     lr_mult = get_lr(iter_num)
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * lr_mult
+        if torch.is_tensor(g["lr"]):  # torchao's: a tensor, filled in place, so a new value does not recompile
+            g["lr"].fill_(g["base_lr"] * lr_mult)
+        else:
+            g["lr"] = g["base_lr"] * lr_mult
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val_loss, val_losses = estimate_loss()
@@ -435,12 +561,14 @@ while True:
     if eval_only or iter_num >= max_iters or stop_requested:
         break
 
-    losses, n_tokens, n_samples = torch.zeros((), device=device), 0, 0
+    losses, n_tokens, n_samples, flops = torch.zeros((), device=device), 0, 0, 0
     for micro in range(accum):
         if ddp and not fsdp:  # all-reduce gradients on the last micro-step only
             train_model.require_backward_grad_sync = micro == accum - 1
         n_tokens += int(batch["attention_mask"].sum())  # counted on the CPU: no device sync
         n_samples, T = n_samples + batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+        flops += model.flops(batch["input_ids"].numel(), T, int((batch["labels"][:, 1:] != -100).sum()),
+                             batch.get("image_grid_thw"))  # what runs: the head on labelled tokens alone
         loss = forward(train_model, to_device(batch)) / accum
         batch = next(batches)  # the loader workers prepared it while the GPU worked
         loss.backward()
@@ -461,7 +589,7 @@ while True:
         dt = time.time() - t0
         n, t0, last_log = iter_num + 1 - last_log, time.time(), iter_num + 1  # steps since the last log line
         tok_s = n_tokens * world * n / dt
-        mfu = None if device_type != "cuda" else model.flops_per_token(T) * tok_s / (peak_flops * world)
+        mfu = None if device_type != "cuda" else flops * n / dt / peak_flops  # this process's share, per GPU
         if master:
             print(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr_mult * learning_rate:.2e}, "
                   f"{dt * 1000 / n:.0f} ms/iter, {n_samples * world * n / dt:.1f} samples/s, {tok_s:.0f} tok/s"

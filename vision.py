@@ -166,3 +166,12 @@ class VisionTower(nn.Module):
         x = self.merger.norm(x).view(-1, D * m * m)  # (N / m^2, m^2 D): one row per m x m window
         x = self.merger.linear_fc2(F.gelu(self.merger.linear_fc1(x)))
         return x  # (n_img_tokens, out_hidden)
+
+    def flops(self, grid_thw):
+        """Forward FLOPs for images of grid_thw (n, 3): 2 per weight per patch (the merger's per m x m window), and
+        each frame's attention, 4 hw D per patch and block (q k^T and the weighted sum of v)."""
+        c, n = self.config, int(grid_thw.prod(-1).sum())
+        size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        attn = 4 * c.hidden_size * c.depth * sum(t * (h * w) ** 2 for t, h, w in grid_thw.tolist())
+        return 2 * n * (size(self.patch_embed) + size(self.blocks)) + 2 * n // c.spatial_merge_size ** 2 * size(
+            self.merger) + attn

@@ -10,7 +10,7 @@
 # so tool schemas must be written into the system message.
 # Expect each eval to print the held-out loss per source: llava's falling below A3's caption loss within the first
 # few hundred steps while the three A2 sources stay near where they start (rehearsal working), and 4 held-out
-# images captioned beside their reference answers. A 12B decoder with fp32 AdamW state needs ~200 GB, so it is
+# images captioned beside their reference answers. A 12B decoder with fp32 AdamW state needs ~197 GB, so it is
 # sharded (fsdp = True) over 8 x 80 GB GPUs.
 out_dir = "out-stage2"
 init_from = "pretrained"

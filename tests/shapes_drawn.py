@@ -85,12 +85,12 @@ def draw(r):
     return b.getvalue(), f"a {size} {color} {shape} on a {ground} background."
 
 
-if __name__ == "__main__":
-    ckpt = sys.argv[1] if len(sys.argv) > 1 else "out-shapes/ckpt"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 400
+def score(draw, ckpt, n, seed, what):
+    """Caption n drawings of draw(random.Random(seed)) as sample.py does, with the checkpoint ckpt; print the share
+    exactly right, the words missed and a few misses."""
     model = from_pretrained(ckpt, dtype=torch.float32).eval()
     proc = Processor.from_pretrained(ckpt)
-    r = random.Random("drawn")  # another seed space than prepare.py's
+    r = random.Random(seed)  # another seed space than prepare.py's
     t0, right, wrong, words = time.time(), 0, [], Counter()
     for start in range(0, n, 32):
         drawn = [draw(r) for _ in range(start, min(start + 32, n))]
@@ -108,10 +108,14 @@ if __name__ == "__main__":
             if got != want:
                 wrong.append((want, got))
                 w, g = want.split(), got.split()
-                for k, what in ((1, "size"), (2, "color"), (3, "shape"), (6, "background")):
-                    words[what] += len(g) != len(w) or w[k] != g[k]
+                for k, word in ((1, "size"), (2, "color"), (3, "shape"), (6, "background")):
+                    words[word] += len(g) != len(w) or w[k] != g[k]
     misses = f"; wrong: {', '.join(f'{v} {k}' for k, v in words.items())}" if wrong else ""
-    print(f"{right}/{n} = {100 * right / n:.1f}% exact captions of drawings made by another routine "
-          f"({time.time() - t0:.1f} s){misses}")
+    print(f"{right}/{n} = {100 * right / n:.1f}% exact captions of {what} ({time.time() - t0:.1f} s){misses}")
     for want, got in wrong[:5]:
         print(f"  want {want!r}\n  got  {got!r}")
+
+
+if __name__ == "__main__":
+    score(draw, sys.argv[1] if len(sys.argv) > 1 else "out-shapes/ckpt", int(sys.argv[2]) if len(sys.argv) > 2 else 400,
+          "drawn", "drawings made by another routine")

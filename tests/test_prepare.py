@@ -43,7 +43,7 @@ def shapes(tmp_path_factory):
 
 def test_shapes_dataset(shapes, tmp_path):
     out, summary = shapes
-    assert summary.startswith(f"out: ") and "skipped: none" in summary
+    assert summary.startswith("out: ") and "skipped: none" in summary
     train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
     assert len(train) + len(val) == 60 and 0 < len(val) < 30
     assert f"{len(train)} train + {len(val)} val rows ({len(train)} + {len(val)} assistant turns)" in summary
@@ -111,12 +111,13 @@ def test_drawings_dataset(tmp_path):
 
 
 def test_drawings_shape_captions(tmp_path):
-    """--captions=shape writes the same drawings, split the same way, captioned with size and shape only, into
-    data/drawings-shape, with the tokenizer of the full captions: the drawings demo's second run goes on from the
-    first's checkpoint, processor included."""
+    """One run writes both caption sets: data/drawings and data/drawings-shape hold the same drawings, split the same
+    way, the second captioned with size and shape only, with the tokenizer of the full captions: the drawings demo's
+    second run goes on from the first's checkpoint, processor included. --captions=shape alone gives the same."""
     args = ("--dataset=drawings", "--num_samples=40", "--chunk_size=20", "--val_frac=0.2")
-    ok(tmp_path, *args)
-    ok(tmp_path, *args, "--captions=shape")
+    summary = ok(tmp_path, *args)
+    assert summary.splitlines()[0].startswith(os.path.join("data", "drawings") + ": ")
+    assert summary.splitlines()[1].startswith(os.path.join("data", "drawings-shape") + ": ")
     full, short = tmp_path / "data" / "drawings", tmp_path / "data" / "drawings-shape"
     assert (full / "tokenizer.json").read_bytes() == (short / "tokenizer.json").read_bytes()
     for split in ("train", "val"):
@@ -132,8 +133,14 @@ def test_drawings_shape_captions(tmp_path):
     ids = batch["input_ids"][0][batch["labels"][0] != -100]
     assert proc.decode(ids).strip() == rows[0]["messages"][1]["content"]
     assert len(ids) == 6  # "a", " small", " circle", "." (a token a word, as in the full captions), "<|im_end|>", "\n"
+    assert ok(tmp_path / "data", *args, "--captions=shape", "--out_dir=drawings").endswith("were already done")
+    ok(tmp_path, *args, "--captions=shape", "--out_dir=alone")
+    for split in ("train", "val"):
+        for f in sorted(os.listdir(short / split)):
+            assert (short / split / f).read_bytes() == (tmp_path / "alone-shape" / split / f).read_bytes(), f
     rc, _, err = prepare(tmp_path, *args, "--captions=colour")
-    assert rc == 2 and err.strip().splitlines()[-1] == "error: --captions must be 'full' or 'shape', got 'colour'"
+    assert rc == 2 and err.strip().splitlines()[-1] == \
+        "error: --captions must be 'full', 'shape' or 'full,shape', got 'colour'"
     rc, _, err = prepare(tmp_path, "--dataset=chat", "--src=rows.jsonl", "--tokenizer=ckpt", "--captions=shape")
     assert rc == 2 and "--captions=shape is for the generated datasets" in err.strip().splitlines()[-1]
 
@@ -180,11 +187,17 @@ def test_tars(shapes, shards, tmp_path):
     tok = shapes[0]
     data = (shards / "001.tar").read_bytes()
     (shards / "002.tar").write_bytes(data[:len(data) // 3])  # a shard cut short, as by an interrupted download
+    write_tar(shards / "003.tar", [(f"{k}.{e}", jpeg((k, k, k)) if e == "jpg" else b"gray") for k in range(4)
+                                   for e in ("jpg", "txt")])
+    with tarfile.open(shards / "003.tar") as tf:  # cut where a member starts: it reads without error, shorter
+        cut = tf.getmembers()[4].offset
+    (shards / "003.tar").write_bytes((shards / "003.tar").read_bytes()[:cut])
     args = ["--dataset=tars", f"--src={shards}", f"--tokenizer={tok}", "--out_dir=out", "--val_frac=0.5"]
     rc, summary, err = prepare(tmp_path, *args)
     assert rc == 0 and "002" in err  # never fatal: reported, and left for a re-run
+    assert "warning: 003 left undone" in err and "no end-of-archive marker" in err, err
     assert "2 bad image" in summary and "2 no caption" in summary, summary
-    assert "1 unreadable sources left undone" in summary
+    assert "2 unreadable sources left undone" in summary
     out = tmp_path / "out"
     train, val = PreparedDataset(out, "train"), PreparedDataset(out, "val")
     assert sorted(captions(train) + captions(val)) == [
@@ -205,18 +218,24 @@ def test_tars(shapes, shards, tmp_path):
     assert [p.name for p in (out / "train").iterdir() if p.name.startswith("002")] == []
     before = (captions(train), captions(val))
 
-    # an interrupted run: a piece on disk but not recorded, and a stray .tmp -- redone once, never duplicated
+    # an interrupted run: a piece on disk but not recorded, its line in done.jsonl cut short, and a stray .tmp --
+    # the reader names the file, and a re-run does the piece once more, never duplicated
     done = (out / "done.jsonl").read_text().splitlines()
-    (out / "done.jsonl").write_text(done[0] + "\n")
+    (out / "done.jsonl").write_text(done[0] + "\n" + done[1][:12])
+    with pytest.raises(ValueError, match=r"done\.jsonl: its last line is cut short"):
+        PreparedDataset(out, "train")
     (out / "train" / "zzz.bin.tmp").write_bytes(b"half a piece")
     again = ok(tmp_path, *args)
-    assert "1 of 3 pieces were already done" in again and "1 unreadable" in again
+    assert "1 of 4 pieces were already done" in again and "2 unreadable" in again
     assert (captions(PreparedDataset(out, "train")), captions(PreparedDataset(out, "val"))) == before
-    # the shard downloaded again in full: only it is processed
+    names = [json.loads(line)["name"] for line in (out / "done.jsonl").read_text().splitlines()]
+    assert names == [json.loads(line)["name"] for line in done]
+    # the shards downloaded again in full: only they are processed
     write_tar(shards / "002.tar", [("x.jpg", jpeg((1, 2, 3))), ("x.txt", b"a new one")])
+    write_tar(shards / "003.tar", [("y.jpg", jpeg((3, 2, 1))), ("y.txt", b"another")])
     again = ok(tmp_path, *args)
-    assert "2 of 3 pieces were already done" in again and "unreadable" not in again
-    assert len(PreparedDataset(out, "train")) + len(PreparedDataset(out, "val")) == 4
+    assert "2 of 4 pieces were already done" in again and "unreadable" not in again
+    assert len(PreparedDataset(out, "train")) + len(PreparedDataset(out, "val")) == 5
     # other options on the same out_dir are refused, not mixed in
     rc, _, err = prepare(tmp_path, *args, "--prompt=Caption this.")
     errors = [l for l in err.splitlines() if l.startswith("error:")]
@@ -313,7 +332,7 @@ def test_importing_reads_no_options(tmp_path):
     # writer runs on the arguments it is given
     code = ("import sys; sys.argv[1:] = ['--dataset=nope']; import prepare; "
             "assert not hasattr(prepare, 'dataset') and not hasattr(prepare, 'options'); "
-            "key, row, [im] = next(prepare.shapes([0], seed=1, image_size=32, prompt='Hi.', captions='shape')); "
+            "key, row, [im] = next(prepare.shapes([0], seed=1, image_size=32, prompt='Hi.')); "
             "assert key == 'shapes-1-0' and row[0]['content'][1]['text'] == 'Hi.' and im.size == (32, 32); print('ok')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok" and "overriding" not in p.stderr, p.stderr

@@ -418,6 +418,20 @@ def test_load_image(tmp_path, images):
     assert image.size == (20, 40) and image.getexif().get(0x0112) is None
 
 
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, ckpt):
+    """A 16-bit grayscale PNG (Pillow's I;16) reaches the model as the 8-bit image it shows, v / 257, where
+    transformers' convert("RGB") clips it to nearly all white."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    Image.fromarray(np.round(ramp / 257).astype(np.uint8)).save(tmp_path / "ramp8.png")
+    p = Processor.from_pretrained(ckpt)
+    assert load_image(tmp_path / "ramp16.png").mode == "I;16"
+    got, want = (np.asarray(p.resize(load_image(tmp_path / f))) for f in ("ramp16.png", "ramp8.png"))
+    assert np.array_equal(got, want) and 100 < got.mean() < 155
+    ref = Qwen2VLImageProcessorPil()  # the difference the README states
+    assert (np.asarray(ref.convert_to_rgb(load_image(tmp_path / "ramp16.png"))) == 255).mean() > 0.99
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_bad_image_files_raise(tmp_path, ckpt, images, damage):
     buf = io.BytesIO()

@@ -138,8 +138,18 @@ def test_scripts_quantize_sample_and_refuse_to_train(tmp_path):
         assert r.returncode == 0 and r.stdout == "Hi\n", r.stderr
     msg = one_error(script("sample.py", f"--init_from={src}", "--quantize=int4"))
     assert "--quantize=int4" in msg
-    msg = one_error(script("quantize.py", f"--init_from={src}", f"--out_dir={src}"))
-    assert "--out_dir" in msg and "new directory" in msg
+    # saves that would delete what they did not write are refused, and nothing is deleted: the source itself, the
+    # training out_dir holding it, a folder inside it, a folder of the user's
+    (tmp_path / "out" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, expect in ((src, "new directory"), (tmp_path / "out", "new directory"),
+                        (tmp_path / "out" / "ckpt" / "sub", "new directory"),
+                        (tmp_path / "photos", "not a checkpoint")):
+        msg = one_error(script("quantize.py", f"--init_from={tmp_path / 'out'}", f"--out_dir={out}"))
+        assert "--out_dir" in msg and expect in msg, msg
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     msg = one_error(script("quantize.py", f"--init_from={tmp_path / 'int8'}", f"--out_dir={tmp_path / 'again'}"))
     assert "already quantized" in msg and not os.path.exists(tmp_path / "again")
     data = tmp_path / "data"

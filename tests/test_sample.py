@@ -128,11 +128,16 @@ def test_two_images_greedy_matches_generate(files):
     assert expected and r1.stdout == expected + "\n"
 
 
-def test_default_model_is_the_shapes_demo(files, tmp_path):
+def test_default_model_is_the_demo_that_exists(files, tmp_path):
+    """No --init_from: the drawings demo README's first command trains, else the shapes demo; neither, README's
+    command."""
     msg = one_error(run(cwd=tmp_path))
-    assert "python prepare.py --dataset=shapes && python train.py config/shapes.py" in msg and "--init_from" in msg
+    assert ("python prepare.py --dataset=drawings && python train.py config/drawings_shape.py && python train.py "
+            "config/drawings.py" in msg and "--init_from" in msg), msg
     shutil.copytree(files["scripted"], tmp_path / "out-shapes" / "ckpt")  # a training out_dir
     assert run(f"--image={files['a']}", cwd=tmp_path).stdout == "Hi\n"
+    shutil.copytree(files["random"], tmp_path / "out-drawings" / "ckpt")  # answers something else than 'Hi'
+    assert run(f"--image={files['a']}", cwd=tmp_path).stdout not in ("Hi\n", "")
 
 
 def bad_dirs(d):
@@ -146,6 +151,15 @@ def bad_dirs(d):
         shutil.copytree(d / "scripted", d / "truncated")
         weights = (d / "truncated" / "model.safetensors").read_bytes()
         (d / "truncated" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    for name, edit in (("listcfg", lambda c: []), ("fourheads", lambda c: {
+            **c, "text_config": {**c["text_config"], "num_attention_heads": "four"}})):
+        if not (d / name).exists():  # a config.json of the wrong shape or type
+            shutil.copytree(d / "scripted", d / name)
+            cfg = json.loads((d / name / "config.json").read_text())
+            (d / name / "config.json").write_text(json.dumps(edit(cfg)))
+    if not (d / "badtok").exists():
+        shutil.copytree(d / "scripted", d / "badtok")
+        (d / "badtok" / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
     if not (d / "noshard").exists():  # a sharded checkpoint with one shard missing
         save_pretrained(from_pretrained(d / "scripted"), str(d / "noshard"), max_shard_size=200_000,
                         write_extra=Processor.from_pretrained(d / "scripted").save_pretrained)
@@ -160,11 +174,21 @@ def bad_dirs(d):
     (["--init_from={dir}/notok"], ["--init_from", "tokenizer.json"]),
     (["--init_from={dir}/truncated"], ["--init_from", "truncated/model.safetensors", "truncated"]),
     (["--init_from={dir}/noshard"], ["--init_from", "noshard/model-00002-of-", "index.json"]),
+    (["--init_from={dir}/listcfg"], ["--init_from", "listcfg/config.json", "JSON list", "expected an object"]),
+    (["--init_from={dir}/fourheads"], ["--init_from", "fourheads/config.json", "text_config",
+                                       "num_attention_heads is 'four', expected a whole number"]),
+    (["--init_from={dir}/badtok"], ["--init_from", "badtok/tokenizer.json", "not a tokenizers tokenizer.json"]),
+    (["--init_from={dir}/no/such/dir"], ["--init_from", "no/such/dir: no such directory"]),
+    (["--temperature=-1"], ["--temperature=-1", "expected 0 (greedy) or more"]),
+    (["--num_samples=0"], ["--num_samples=0", "expected at least 1"]),
+    (["--max_pixels=-5"], ["--max_pixels=-5", "whole number of pixels"]),
+    (["--max_pixels=100", "--prompt=Hi"], ["--max_pixels=100 is below the checkpoint's min_pixels=1024"]),
     (["--tempreature=0"], ["tempreature", "temperature"]),
     (["--prompt=" + "x" * 200, "--max_new_tokens=1"], ["context of 128", "max_position_embeddings"]),
     (["--image={a}", "--max_new_tokens=100"], ["--max_new_tokens=100", "context of 128"]),
 ], ids=["missing-image", "unreadable-image", "no-config", "not-artemis", "no-tokenizer", "truncated-weights",
-        "missing-shard", "unknown-option", "long-prompt", "long-answer"])
+        "missing-shard", "config-list", "config-type", "bad-tokenizer", "missing-dir", "negative-temperature",
+        "no-samples", "negative-max-pixels", "max-below-min", "unknown-option", "long-prompt", "long-answer"])
 def test_one_line_errors(files, args, expect):
     bad_dirs(files["dir"])
     args = [a.format(dir=files["dir"], a=files["a"], bad=files["bad"]) for a in args]
@@ -190,8 +214,9 @@ def greedy_caption(ckpt, path, n=16):
 def test_folder_run_captions_each_image_once(files, tmp_path):
     """A directory is a folder run: one JSON line per readable image, each the greedy caption that image gets alone
     (2 rows at a time, so the third image takes the row of the first caption to end); a corrupt file is named and
-    skipped; a re-run with the same --out adds nothing; a glob to stdout gives the same lines; sampled captions are
-    the same in rows of 1 or of 3, each image drawing from its own seed."""
+    skipped; a re-run with the same --out adds nothing, and after a kill cut its last line, redoes that line alone; a
+    glob to stdout gives the same lines; sampled captions are the same in rows of 1 or of 3, each image drawing from
+    its own seed."""
     d = tmp_path / "photos"
     d.mkdir()
     for name in ("a.png", "b.png", "bad.png"):
@@ -210,6 +235,10 @@ def test_folder_run_captions_each_image_once(files, tmp_path):
     before = out.read_text()
     r = run(*args, f"--image={d}", f"--out={out}")
     assert r.returncode == 0 and out.read_text() == before, r.stderr
+    first, *rest = before.splitlines(keepends=True)  # a run killed while writing its last line: that line is cut
+    out.write_text("".join(rest) + first[:len(first) // 2])
+    r = run(*args, f"--image={d}", f"--out={out}")
+    assert r.returncode == 0 and out.read_text() == "".join(rest) + first, r.stderr  # cut line gone, caption again
     r = run(*args, f"--image={d}/*.png")
     assert r.returncode == 0, r.stderr
     assert sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda x: x["image"]) == lines[:2]

@@ -14,7 +14,7 @@ GRID = torch.tensor([[1, 4, 6], [1, 8, 4], [1, 2, 2], [2, 4, 4], [1, 12, 10]])
 
 
 def randomize(model):
-    """Weights of O(1) effect so that a 1e-4 tolerance means something (the HF init is near-identity)."""
+    """Weights of O(1) effect so that a tolerance means something (the HF init is near-identity)."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -59,7 +59,7 @@ def test_matches_transformers(checkpoint):
         out = tower(pixels, GRID)
     assert out.shape == (int(GRID.prod(-1).sum()) // 4, 40) and out.dtype == torch.float32
     assert expected.abs().max() > 0.5  # the comparison is not between two near-zero tensors
-    assert (out - expected).abs().max() <= 1e-4
+    assert (out - expected).abs().max() <= 4e-6  # measured 1.1e-6 to 1.3e-6 over 4 seeds and both activations
 
 
 def test_images_do_not_attend_to_each_other(checkpoint):
@@ -70,7 +70,7 @@ def test_images_do_not_attend_to_each_other(checkpoint):
     with torch.no_grad():
         both = tower(pixels, GRID)
         first = tower(pixels[:n], GRID[:1])
-    assert (both[: n // 4] - first).abs().max() <= 1e-5
+    assert (both[: n // 4] - first).abs().max() <= 3e-6  # measured 6e-7 to 9.5e-7
 
 
 def test_meta_build_then_assign(checkpoint):
@@ -84,7 +84,7 @@ def test_meta_build_then_assign(checkpoint):
     with torch.no_grad():
         out = tower(pixels, GRID)
     assert not out.is_meta
-    assert (out - expected).abs().max() <= 1e-4
+    assert (out - expected).abs().max() <= 4e-6  # measured 1.1e-6 to 1.3e-6 over 4 seeds and both activations
 
 
 def test_bf16_matches_transformers_bf16(checkpoint):
