@@ -130,9 +130,11 @@ if master_weights not in ("fp32", "bf16"):
 if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
     die(f"master_weights='bf16' computes in bf16: set dtype='bfloat16' (it is {dtype!r})")
 if optimizer == "adamw8bit" or master_weights == "bf16":  # torchao's optimizers; found out before a 12B model loads
-    # its optional C++ kernels, which these pure-PyTorch optimizers never call, warn on import where they were built
-    # for another Python or torch: kept off stderr, where an error is one line
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # on import, torchao's optional C++ kernels (these pure-PyTorch optimizers never call them) warn where they were
+    # built for another Python or torch, and torch's pytree that torchao registers an Enum the old way: kept off
+    # stderr, where an error is one line
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import torchao.optim  # the global `torchao`, used where the optimizer is built
     except ImportError as e:
