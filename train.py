@@ -130,9 +130,11 @@ if master_weights not in ("fp32", "bf16"):
 if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
     die(f"master_weights='bf16' computes in bf16: set dtype='bfloat16' (it is {dtype!r})")
 if optimizer == "adamw8bit" or master_weights == "bf16":  # torchao's optimizers; found out before a 12B model loads
-    # its optional C++ kernels, which these pure-PyTorch optimizers never call, warn on import where they were built
-    # for another Python or torch: kept off stderr, where an error is one line
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # on import, torchao's optional C++ kernels (these pure-PyTorch optimizers never call them) warn where they were
+    # built for another Python or torch, and torch's pytree that torchao registers an Enum the old way: kept off
+    # stderr, where an error is one line
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import torchao.optim  # the global `torchao`, used where the optimizer is built
     except ImportError as e:
@@ -415,6 +417,19 @@ def get_lr(it):
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint():
     """Weights from the raw module (never the DDP/compiled wrapper) with the resume state, swapped in at once. A LoRA
     run saves its trainable tensors only; its base stays where the adapter config says it came from."""
@@ -431,12 +446,10 @@ def save_checkpoint():
         sd = full
     # under fsdp every process writes its own shards of the trainable weights and optimizer state (collective)
     sharded = save_sharded(ckpt_dir, model, optimizer) if fsdp else None
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None}
-    rngs = [rng]
+    rngs = [rng_state()]
     if ddp:  # each process's own: LoRA dropout draws a different mask on each
         rngs = [None] * world
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(rngs, rngs[0])
     saved_at = iter_num
     if master:
         save_train_state(ckpt_dir, model, processor, state_dict=sd, adapter=adapter, sharded=sharded, state={
@@ -474,12 +487,7 @@ def resume():
                 p.copy_(exact[n])  # the saved master weights (read in fp32), not their rounding to frozen_dtype
         optimizer.load_state_dict(state["optimizer"])
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process since sharded resume
-    rng = rngs[rank] if len(rngs) == world else rngs[0]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     return state["iter_num"], state["best_val_loss"]
 
 
