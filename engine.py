@@ -13,7 +13,7 @@ The KV cache is a fixed pool of max_batch rows (slots) of S columns. At each ste
 free slot, the lowest: its prompt is prefilled alone (its images encoded once) and joins the running decode; a row
 leaves as soon as it ends (a stop token, a stop string, max_tokens, or cancelled) and frees its slot for the next. The
 decode step runs over the rows up to the last live one: on a CPU a step costs about its rows (a 32-row step of the
-bench's small model is 4x a 1-row one), so a few requests in a big pool cost a few rows' step. With every_row (a
+bench's small model is 4-5x a 1-row one), so a few requests in a big pool cost a few rows' step. With every_row (a
 compiled step) it runs over all max_batch rows every time, so it sees the same shapes whichever rows come and go, and
 never recompiles (CUDA graphs: captured once; on a GPU a step reads its weights once, whatever its rows).
 
