@@ -84,7 +84,7 @@ if __name__ == '__main__':  # the command line's options, read by main() alone
     val_frac = None  # held-out fraction; None = 0.005 (A3 held out ~0.5%), or SYNTHETIC's
     min_pixels = None  # Processor.resize limits; None = the checkpoint's
     max_pixels = None
-    num_samples = None  # shapes/drawings: how many images; None = SYNTHETIC's (drawings: 64000, fewer repeats of each)
+    num_samples = None  # shapes/drawings: how many images; None = SYNTHETIC's (drawings: 40000, 1.2 epochs of the demo)
     image_size = None  # shapes/drawings: the largest side the processor keeps, max_pixels = image_size**2; None = 96
     #                  for shapes (6x6 patches of 16: 9 merged vision tokens; at 64, 4 tokens, a tiny ViT learned far
     #                  more slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
@@ -323,7 +323,7 @@ DATASETS = ('shapes', 'drawings', 'tars', 'chat', 'llava')
 # generated here, with their own tokenizer: their defaults for how many images, the largest side the processor keeps
 # (max_pixels = image_size**2), its patch size and the held-out fraction (400-640 images)
 SYNTHETIC = {'shapes': dict(num_samples=8000, image_size=96, patch_size=16, val_frac=0.05, captions='full'),
-             'drawings': dict(num_samples=64000, image_size=48, patch_size=4, val_frac=0.01, captions='full,shape')}
+             'drawings': dict(num_samples=40000, image_size=48, patch_size=4, val_frac=0.01, captions='full,shape')}
 DRAWN_BY = 2  # drawings(): its second routine (outlines, proportions, drawn at the kept size); meta.json records it
 
 
