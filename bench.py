@@ -421,8 +421,9 @@ RUNS = {  # the memory section's rows: what train.py trains, its master weights 
     "stage 2 full, one device (bf16 master, 8-bit AdamW)": dict(stage="stage2", master="bf16", optimizer="adamw8bit"),
     f"stage 2 LoRA r={LORA['lora_rank']}": dict(stage="stage2", lora=LORA["lora_rank"]),
     f"stage 2 LoRA r={LORA['lora_rank']}, int8 base": dict(stage="stage2", lora=LORA["lora_rank"], int8=True),
+    "stage 2 LoRA r=16, int8 base (the README's QLoRA command)": dict(stage="stage2", lora=16, int8=True),
 }
-FULL, SINGLE, LORA_ROW, INT8_ROW = list(RUNS)[1:]
+FULL, SINGLE, LORA_ROW, INT8_ROW, INT8_16 = list(RUNS)[1:]
 GB = 1e9
 
 
@@ -628,7 +629,7 @@ def memory(b):
     if b.preset == "a3":
         what = ("weights", "gradients", "optimizer state", "activations", "optimizer step")
         for name, B, ckpt, card in ((LORA_ROW, 2, True, 80), (LORA_ROW, 2, False, 80), (INT8_ROW, 1, True, 24),
-                                    (INT8_ROW, 1, False, 24), (SINGLE, 1, True, 128), (SINGLE, 1, False, 128)):
+                                    (INT8_ROW, 1, False, 24), (INT8_16, 1, True, 24), (INT8_16, 1, False, 24), (SINGLE, 1, True, 128), (SINGLE, 1, False, 128)):
             x, got = parts[name, B, ckpt], peak[name, B, ckpt] / GB
             held = max(range(5), key=lambda i: x[i])
             notes.append(f"goal: {name}, batch {B}, checkpointing {'on' if ckpt else 'off'}, in {card} GB: "
