@@ -503,6 +503,13 @@ def activation_constants(b, run, ckpt):
     return dict(fixed=m[1, 1] - rest - layer - cast, rest=rest, layer=layer, cast=cast)
 
 
+def by_dtype(model):  # [(dtype, bytes)] of its parameters and buffers
+    out = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        out[t.dtype] = out.get(t.dtype, 0) + t.numel() * t.element_size()
+    return sorted(out.items(), key=lambda x: -x[1])
+
+
 def modelled(b, run, opt, a, B):
     """(weights, gradients, optimizer state, activations, the optimizer step's temporaries) per GPU, bytes, at the
     preset's shape. Weights are counted on the meta device; the rest are the measured constants scaled by k (every
@@ -626,6 +633,9 @@ def memory(b):
            f"shape): {a['layer'] / T:,.0f} B per token and layer, weight copies {a['cast'] / 2**20:.2f} MiB per layer "
            f"(x {k * k}), outside the layers {a['rest'] / T:,.0f} B per token and {a['fixed'] / 2**20:.1f} MiB"
            for (name, ckpt), a in acts.items()]))
+    notes.append("\n".join(f"weights of {name} by dtype (meta device): " + ", ".join(
+        f"{str(dt).removeprefix('torch.')} {n / GB:.2f} GB" for dt, n in by_dtype(graft(b.model.config, run, "meta")))
+        for name, run in RUNS.items()))
     if b.preset == "a3":
         what = ("weights", "gradients", "optimizer state", "activations", "optimizer step")
         for name, B, ckpt, card in ((LORA_ROW, 2, True, 80), (LORA_ROW, 2, False, 80), (INT8_ROW, 1, True, 24),
