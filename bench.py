@@ -16,11 +16,14 @@ are in $OUT/*/bench.json and bench.md):
 Run it first on the CPU at --preset=tiny (a few minutes) so that it is known to work end to end.
 """
 import base64
+import dataclasses
 import gc
 import io
+import itertools
 import json
 import os
 import re
+import runpy
 import signal
 import statistics
 import subprocess
@@ -28,7 +31,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import warnings
 from collections import namedtuple
 from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from checkpoint import nbytes, save_pretrained
 from configurator import configure, die
 from dataset import length_grouped
+from lora import apply_lora
 from model import ArtemisConfig, ArtemisVLM, TextConfig
 from processor import CLIP_MEAN, CLIP_STD, Processor
 from quantize import quantize_int8
@@ -64,21 +67,23 @@ budget = 0  # seconds a section may run before it is stopped and the run goes on
 configure(globals())
 # -----------------------------------------------------------------------------
 
-PRESETS = {  # decoder, vision tower, and one training row: image side (px), prompt and answer tokens
+PRESETS = {  # decoder, vision tower, and one training row: image side (px), prompt and answer tokens; the memory
+    # section's: probe, the factor by which it divides every width to measure activations (all divide evenly), and
+    # row, the tokens of its rows (tiny: a smoke test's)
     "tiny": dict(text=dict(vocab_size=131072, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16),
                  vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64),
-                 image=224, prompt=16, answer=48, batch=4),
+                 image=224, prompt=16, answer=48, batch=4, probe=1, row=128),
     "small": dict(text=dict(vocab_size=131072, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                             num_attention_heads=8, num_key_value_heads=2, head_dim=64),
                   vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512),
-                  image=384, prompt=16, answer=96, batch=4),
+                  image=384, prompt=16, answer=96, batch=4, probe=2, row=1000),
     "a3": dict(text=dict(vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,  # A2
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                          rope_theta=1e6),
                vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,  # Qwen3-VL-2B
                            out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17]),
-               image=512, prompt=32, answer=128, batch=2),
+               image=512, prompt=32, answer=128, batch=2, probe=16, row=1000),
 }
 IMG = 22  # <|image_pad|>
 Row = namedtuple("Row", "what ours theirs unit note", defaults=("",))  # theirs: the reference's figure or None
@@ -120,7 +125,8 @@ class Bench(namedtuple("Bench", "model ref ref_processor preset P device cuda dt
 
     def peak_bytes(self, fn):
         """The most tensor memory fn holds above what was allocated when it started: the CUDA allocator's peak, or on
-        a CPU the profiler's memory timeline (the process's resident size would add what malloc keeps after a free)."""
+        a CPU the running sum of the profiler's allocation events (the process's resident size would add what malloc
+        keeps after a free)."""
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -130,16 +136,11 @@ class Bench(namedtuple("Bench", "model ref ref_processor preset P device cuda dt
             fn()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA, not CPU
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                        record_shapes=True, with_stack=True) as prof:
-                torch.zeros(1)  # the timeline starts at its first event: before fn allocates anything
-                fn()
-            prof.export_memory_timeline(path := os.path.join(d, "memory.json"), device="cpu")
-            with open(path) as f:
-                total = [sum(s) for s in json.load(f)[1]]  # bytes at each event: the sum of its categories
-        return max(total) - total[0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")  # + an allocation's bytes, - a free's
+        return max(itertools.accumulate((n for _, n in events), initial=0))
 
     def read_bandwidth(self):
         """Bytes/s of the fastest of 10 sums over 1 GiB (4 GiB on CUDA): a read-only stream, the bound of batch-1
@@ -465,6 +466,242 @@ def stage1(b):
     return rows
 
 
+# what fits where -----------------------------------------------------------------------------------------------------
+LORA = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "stage2_lora.py"))
+RUNS = {  # the memory section's rows: what train.py trains, its master weights and optimizer, over how many GPUs
+    "stage 1": dict(stage="stage1"),
+    "stage 2 full, FSDP over 8 GPUs (fp32 master, AdamW)": dict(stage="stage2", world=8),
+    "stage 2 full, one device (bf16 master, 8-bit AdamW)": dict(stage="stage2", master="bf16", optimizer="adamw8bit"),
+    f"stage 2 LoRA r={LORA['lora_rank']}": dict(stage="stage2", lora=LORA["lora_rank"]),
+    f"stage 2 LoRA r={LORA['lora_rank']}, int8 base": dict(stage="stage2", lora=LORA["lora_rank"], int8=True),
+    "stage 2 LoRA r=16, int8 base (the README's QLoRA command)": dict(stage="stage2", lora=16, int8=True),
+}
+FULL, SINGLE, LORA_ROW, INT8_ROW, INT8_16 = list(RUNS)[1:]
+GB = 1e9
+
+
+def graft(config, run, device, ckpt=False, k=1):
+    """The model as train.py sets it up for `run` on CUDA (dtype bfloat16): frozen weights in bf16, the decoder in
+    int8 under LoRA's int8 base, LoRA adapters (rank / k), trainable weights in the master dtype (fp32 or bf16)."""
+    with torch.device(device):
+        m = ArtemisVLM(dataclasses.replace(config, quantization=None)).to(torch.bfloat16).train()
+    m.set_training_stage(run["stage"])
+    if run.get("int8"):
+        quantize_int8(m)
+    if run.get("lora"):
+        apply_lora(m, run["lora"] // k, LORA["lora_alpha"], LORA["lora_dropout"])
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16 if run.get("master") == "bf16" else torch.float32)
+    m.language_model.gradient_checkpointing = ckpt
+    return m
+
+
+def make_optimizer(params, run, cuda):  # train.py's
+    if run.get("optimizer") == "adamw8bit":
+        import torchao.optim
+        return torchao.optim.AdamW8bit(params, bf16_stochastic_round=run.get("master") == "bf16")
+    return torch.optim.AdamW(params, fused=cuda)
+
+
+def state_bytes(opt):  # a tensor subclass (torchao's 8-bit state) by its inner tensors
+    inner = lambda t: [getattr(t, n) for n in t.__tensor_flatten__()[0]] if hasattr(t, "__tensor_flatten__") else [t]
+    return nbytes(x for s in opt.state.values() for v in s.values() if torch.is_tensor(v) for x in inner(v))
+
+
+def micro_step(b, model, B):
+    """One micro-step of train.py under bf16 autocast, on B rows of the preset's `row` tokens: bos, the prompt, one
+    image of the preset's side, and the labelled answer that fills the row."""
+    img = (b.P["image"] // (model.config.vision.patch_size * model.config.vision.spatial_merge_size)) ** 2
+    ids, pixels, grid, labels, mask = b.batch([(b.P["image"],) * 2] * B, [b.P["row"] - 1 - b.P["prompt"] - img] * B)
+    with torch.autocast(b.device.split(":")[0], dtype=torch.bfloat16):
+        loss = model(ids, pixels, grid, labels=labels, attention_mask=mask)[1]
+    loss.backward()
+
+
+def optimizer_constants(b):
+    """{optimizer: (state bytes per parameter, the step's temporaries per value of the tensor it steps)}, measured
+    on one 1024 x 1024 weight: torch's AdamW on fp32 (fused on CUDA), torchao's AdamW8bit on bf16."""
+    out = {}
+    for name, dt in (("adamw", torch.float32), ("adamw8bit", torch.bfloat16)):
+        p = torch.nn.Parameter(torch.randn(1024, 1024, dtype=dt, device=b.device))
+        p.grad, opt = torch.randn_like(p), make_optimizer([p], dict(optimizer=name, master="bf16"), b.cuda)
+        opt.step()  # its state exists from the first step
+        out[name] = state_bytes(opt) / p.numel(), b.peak_bytes(opt.step) / p.numel()
+    return out
+
+
+def activation_constants(b, run, ckpt):
+    """Activation bytes of one micro-step, measured on the preset's graft with every width divided by k (probe) at 1
+    and 2 decoder layers and batch 1 and 2: the peak above what was allocated before the step (weights, gradients of
+    an earlier micro-step). Solved from the four peaks m[L, B] as m = fixed + B rest + L (B layer + cast):
+    layer, per row and decoder layer; cast, per decoder layer and independent of the batch (autocast's bf16 copies of
+    fp32 weights, kept for the backward); rest and fixed, the embedding, tower, projector and loss."""
+    c, k, m = b.model.config, b.P["probe"], {}
+    v = c.vision
+    for L in (1, 2):
+        text = dataclasses.replace(c.text, num_hidden_layers=L, hidden_size=c.text.hidden_size // k,
+                                   intermediate_size=c.text.intermediate_size // k, head_dim=c.text.head_dim // k)
+        vision = dataclasses.replace(v, hidden_size=v.hidden_size // k, intermediate_size=v.intermediate_size // k,
+                                     out_hidden_size=v.out_hidden_size // k)
+        torch.manual_seed(b.seed)
+        model = graft(dataclasses.replace(c, text=text, vision=vision), run, b.device, ckpt, k)
+        for p in model.parameters():  # gradients exist, as from a run's second micro-step on
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        for B in (1, 2):
+            m[L, B] = b.peak_bytes(lambda: micro_step(b, model, B))
+    layer = m[2, 2] - m[1, 2] - m[2, 1] + m[1, 1]
+    cast = m[2, 1] - m[1, 1] - layer
+    rest = m[1, 2] - m[1, 1] - layer
+    return dict(fixed=m[1, 1] - rest - layer - cast, rest=rest, layer=layer, cast=cast)
+
+
+def by_dtype(model):  # [(dtype, bytes)] of its parameters and buffers
+    out = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        out[t.dtype] = out.get(t.dtype, 0) + t.numel() * t.element_size()
+    return sorted(out.items(), key=lambda x: -x[1])
+
+
+def modelled(b, run, opt, a, B):
+    """(weights, gradients, optimizer state, activations, the optimizer step's temporaries) per GPU, bytes, at the
+    preset's shape. Weights are counted on the meta device; the rest are the measured constants scaled by k (every
+    width; k**2 for the per-layer weight copies, whose size goes with width squared) and the number of layers."""
+    c, k = b.model.config, b.P["probe"]
+    model = graft(c, run, "meta")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights, grads = nbytes(list(model.parameters()) + list(model.buffers())), nbytes(trainable)
+    n, largest = sum(p.numel() for p in trainable), max(p.numel() for p in trainable)
+    acts = k * (a["fixed"] + B * a["rest"]) + c.text.num_hidden_layers * (k * B * a["layer"] + k * k * a["cast"])
+    world = run.get("world", 1)
+    if world > 1:  # FSDP2 (train.py: each decoder layer, then the root): every tensor in world shards; the root's
+        # own (embedding, head, tower, projector) stay gathered from forward to backward, and two layers at a time
+        # (the one computing, the one prefetched) are gathered too; the root's gradients are gathered until they are
+        # reduce-scattered after the backward
+        layers = model.language_model.model.layers
+        in_layers = {id(p) for p in layers.parameters()}
+        root = [p for p in model.parameters() if id(p) not in in_layers]
+        weights = weights / world + nbytes(root) + 2 * nbytes(layers[0].parameters())
+        grads = grads / world + nbytes(p for p in root if p.requires_grad)
+        n, largest = n / world, largest / world
+    name = run.get("optimizer", "adamw")
+    return weights, grads, n * opt[name][0], acts, largest * opt[name][1]
+
+
+def measured_peak(preset, n_layer, device, seed, run, B, ckpt):
+    """In a fresh process (bench.py's memory section starts it): a run's third micro-step at the preset's shape, after
+    a micro-step, an optimizer step and a micro-step, so weights, gradients and optimizer state all exist. Prints
+    (those three, counted; the rise above them during the step, measured: the CPU's resident high-water mark, reset
+    just before, or the CUDA allocator's peak; the seconds of a micro-step and optimizer step)."""
+    config, P = preset_config(preset, n_layer), PRESETS[preset]
+    cuda = device.startswith("cuda")
+    b = Bench(None, None, None, preset, P, device, cuda, torch.float32, 1, 0, 1, False, 0.0, seed)
+    torch.manual_seed(seed)
+    model = graft(config, run, device, ckpt)
+    b = b._replace(model=model)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], run, cuda)
+    micro_step(b, model, B)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    micro_step(b, model, B)
+    static = [nbytes(list(model.parameters()) + list(model.buffers())),
+              nbytes(p.grad for p in model.parameters() if p.grad is not None), state_bytes(opt)]
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the high-water mark back to the resident size now
+        base = rss("VmRSS")
+    t0 = time.perf_counter()
+    micro_step(b, model, B)
+    rise = torch.cuda.max_memory_allocated() - base if cuda else rss("VmHWM") - base
+    opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    print(json.dumps(dict(static=static, rise=rise, seconds=time.perf_counter() - t0)))
+
+
+def rss(field):  # bytes of /proc/self/status's VmRSS or VmHWM
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def child_peak(b, run, B, ckpt):
+    """measured_peak in a fresh process, whose large tensors glibc maps and unmaps one by one (a fixed mmap
+    threshold), so that its resident size follows the tensors it holds."""
+    code = (f"import bench; bench.measured_peak({b.preset!r}, {n_layer}, {b.device!r}, {b.seed}, {run!r}, {B}, "
+            f"{ckpt})")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if p.returncode:
+        raise RuntimeError(f"measured_peak exited {p.returncode}: {p.stderr[-800:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def memory(b):
+    """What fits where: per-GPU memory of each of RUNS at batch 1 and 2 of rows of the preset's `row` tokens, with and
+    without gradient checkpointing, at the preset's shape. Off the A3 shape, the modelled peak beside the one measured
+    in a fresh process, and a LoRA step against a full fine-tune's."""
+    k, T, check = b.P["probe"], b.P["row"], b.preset != "a3"
+    opt = optimizer_constants(b)
+    acts = {(name, ckpt): activation_constants(b, run, ckpt) for name, run in RUNS.items() for ckpt in (False, True)}
+    cols = ["run", "batch", "checkpointing", "weights", "gradients", "optimizer state", "activations",
+            "optimizer step", "peak"]
+    table, peak, parts = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"], {}, {}
+    checked = ["| run, one process | batch | checkpointing | peak, modelled | peak, measured | modelled / measured |",
+               "|---|---|---|---|---|---|"]
+    steps = {}  # name: [(seconds, measured peak)] of a step at batch 2 with checkpointing, as config/stage2_lora.py
+    for name, run in RUNS.items():
+        for B in (1, 2):
+            for ckpt in (False, True):
+                parts[name, B, ckpt] = x = modelled(b, run, opt, acts[name, ckpt], B)
+                peak[name, B, ckpt] = sum(x[:3]) + max(x[3:])  # the step runs once the activations are gone
+                table.append(f"| {name} | {B} | {'on' if ckpt else 'off'} | "
+                             + " | ".join(f"{v / GB:.2f}" for v in (*x, peak[name, B, ckpt])) + " |")
+                if check and (b.preset != "tiny" or B == 2 and ckpt):  # tiny, a smoke test: one each
+                    # the measured step is a micro-step: the modelled one without the optimizer's step
+                    one = sum(modelled(b, dict(run, world=1), opt, acts[name, ckpt], B)[:4])
+                    for _ in range(3 if B == 2 and ckpt and name in (FULL, LORA_ROW) and b.preset != "tiny" else 1):
+                        got = child_peak(b, dict(run, world=1), B, ckpt)
+                        real = sum(got["static"]) + got["rise"]
+                        steps.setdefault(name, []).append((got["seconds"], real)) if B == 2 and ckpt else None
+                    checked.append(f"| {name.split(',')[0] if run.get('world') else name} | {B} | "
+                                   f"{'on' if ckpt else 'off'} | {one / GB:.3f} | {real / GB:.3f} | {one / real:.2f} |")
+    notes = [f"per-GPU memory, GB, modelled at the {b.preset} shape (rows of {T} tokens)\n" + "\n".join(table)]
+    if check:
+        notes.append("\n".join(checked))
+        rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"  # noqa: E731
+        notes.append("\n".join(f"{name}, batch 2, checkpointing on, {torch.get_num_threads()} threads, "
+                                f"{len(v)} runs: micro-step + optimizer step {rng([t for t, _ in v])} s, peak "
+                                f"{rng([m / GB for _, m in v])} GB" for name, v in steps.items()
+                                if name in (FULL, LORA_ROW)))
+    notes.append("\n".join(
+        ["optimizer state, bytes per parameter (one 1024 x 1024 weight, after a step): " + ", ".join(
+            f"{n} {st:.3f}, its step's temporaries {t:.2f} per value of the tensor stepped" for n, (st, t) in opt.items())]
+        + [f"activations, {name}, checkpointing {'on' if ckpt else 'off'} (measured at widths / {k}; x {k} for this "
+           f"shape): {a['layer'] / T:,.0f} B per token and layer, weight copies {a['cast'] / 2**20:.2f} MiB per layer "
+           f"(x {k * k}), outside the layers {a['rest'] / T:,.0f} B per token and {a['fixed'] / 2**20:.1f} MiB"
+           for (name, ckpt), a in acts.items()]))
+    notes.append("\n".join(f"weights of {name} by dtype (meta device): " + ", ".join(
+        f"{str(dt).removeprefix('torch.')} {n / GB:.2f} GB" for dt, n in by_dtype(graft(b.model.config, run, "meta")))
+        for name, run in RUNS.items()))
+    if b.preset == "a3":
+        what = ("weights", "gradients", "optimizer state", "activations", "optimizer step")
+        for name, B, ckpt, card in ((LORA_ROW, 2, True, 80), (LORA_ROW, 2, False, 80), (INT8_ROW, 1, True, 24),
+                                    (INT8_ROW, 1, False, 24), (INT8_16, 1, True, 24), (INT8_16, 1, False, 24), (SINGLE, 1, True, 128), (SINGLE, 1, False, 128)):
+            x, got = parts[name, B, ckpt], peak[name, B, ckpt] / GB
+            held = max(range(5), key=lambda i: x[i])
+            notes.append(f"goal: {name}, batch {B}, checkpointing {'on' if ckpt else 'off'}, in {card} GB: "
+                         f"{got:.1f} GB, " + (f"fits with {card - got:.1f} GB to spare" if got <= card else
+                                              f"misses by {got - card:.1f} GB; the largest part: {what[held]} "
+                                              f"{x[held] / GB:.1f} GB"))
+    return notes
+
+
 def e2e(b):
     """What a user runs, end to end, on files: the bench model saved as an artemis checkpoint with a word-level
     tokenizer, prepare.py on webdataset shards of generated images with 150-300-token captions, 20 steps of
@@ -524,8 +761,8 @@ def e2e(b):
 
 
 SECTIONS = {f.__name__: f for f in (processor, vision, prefill, decode, train, padding, serve, stage1, e2e,
-                                    quantize)}  # the run order: quantize, last, quantizes the model in place
-DEVICE_RUN = ("stage1", "e2e")  # only when named: minutes each on a CPU
+                                    memory, quantize)}  # the run order: quantize, last, quantizes the model in place
+DEVICE_RUN = ("stage1", "e2e", "memory")  # only when named: minutes each on a CPU
 
 
 def table(rows):
@@ -536,6 +773,13 @@ def table(rows):
             f"{ours / theirs if unit.endswith('/s') else theirs / ours:.2f}x faster")  # a rate, or a time in ms
         lines.append(f"| {what}{note} | {fmt(ours, unit)} | {fmt(theirs, unit)} | {ratio} |")
     return "\n".join(lines)
+
+
+def preset_config(name, n_layer=0):
+    P = PRESETS[name]
+    text = dict(P["text"], sliding_window=None, tie_word_embeddings=False) | (
+        dict(num_hidden_layers=n_layer) if n_layer else {})
+    return ArtemisConfig(TextConfig(**text), VisionConfig(**P["vision"], num_position_embeddings=2304), IMG)
 
 
 def main():
@@ -555,12 +799,10 @@ def main():
         except ImportError as e:
             print(f"reference stack not installed ({e}); timing this implementation only")
     P, ptdtype = PRESETS[preset], getattr(torch, dtype or ("bfloat16" if cuda else "float32"))
-    text = dict(P["text"], sliding_window=None, tie_word_embeddings=False) | (
-        dict(num_hidden_layers=n_layer) if n_layer else {})
-    config = ArtemisConfig(TextConfig(**text), VisionConfig(**P["vision"], num_position_embeddings=2304), IMG)
+    config = preset_config(preset, n_layer)
     torch.manual_seed(seed)
     torch.set_default_dtype(ptdtype)  # built in the bench dtype on the device: a 12B never exists in fp32
-    with torch.device(device):
+    with torch.device(device if set(names) - {"memory"} else "meta"):  # memory builds its own models
         model = ArtemisVLM(config).eval()
         ref = ArtemisVLMForConditionalGeneration(ArtemisVLMConfig(**config.to_dict())).eval() if ref_processor and (
             {"vision", "prefill", "decode", "train"} & set(names)) else None  # the sections that run it

@@ -3,12 +3,13 @@
 #   pip install torchao   # the 8-bit AdamW and the stochastic rounding; pure PyTorch
 #   (the four prepare.py commands of config/stage2.py)
 #   python train.py config/stage2_single.py
-# Memory to expect: the 12.28B trainable parameters (decoder and projector) at the 6.03 bytes each measured at
-# bench.py's small preset (bf16 weights 2, bf16 gradients 2, 8-bit moments 2.03; fp32 AdamW: 16, 197 GB) are 74 GB.
-# Estimated beside them: the frozen vision tower (0.7 GB), the checkpointed decoder's activations for one row of
-# about 1,000 tokens (under 2 GB), and the optimizer step's fp32 temporaries for its largest tensor, the
-# 671M-parameter embedding (11 GB at most): about 90 GB in all, under the GB10's 128 GB (which the host shares) and
-# an H200's 141 GB. Without checkpointing, add about 9 GB per 1,000 tokens of a micro-batch.
+# Memory to expect (python bench.py --only=memory --preset=a3; README, Hardware notes): the 12.28B trainable
+# parameters (decoder and projector) at the 6.03 bytes each measured at bench.py's small preset (bf16 weights 2, bf16
+# gradients 2, 8-bit moments 2.03; fp32 AdamW: 16, 197 GB) are 74 GB; with the frozen bf16 tower, weights 25.2 GB,
+# gradients 24.6 GB, optimizer state 25.0 GB. Beside them the checkpointed activations of one 1,000-token row,
+# 3.6 GB, or, after the backward, the optimizer step's temporaries for its largest tensor, the 671M-parameter
+# embedding (8.03 bytes a value, measured on a CPU): 5.4 GB. Peak about 80 GB, 48 GB under the GB10's 128 GB (which the host
+# shares) and 61 GB under an H200's 141 GB. Without checkpointing: 86.7 GB at batch 1, 95.6 GB at batch 2.
 out_dir = "out-stage2-single"
 init_from = "pretrained"
 pretrained = "schneewolflabs/A3"
