@@ -448,8 +448,8 @@ def save_checkpoint():
     sharded = save_sharded(ckpt_dir, model, optimizer) if fsdp else None
     rngs = [rng_state()]
     if ddp:  # each process's own: LoRA dropout draws a different mask on each
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rngs[0])
+        mine, rngs = rngs[0], [None] * world
+        dist.all_gather_object(rngs, mine)
     saved_at = iter_num
     if master:
         save_train_state(ckpt_dir, model, processor, state_dict=sd, adapter=adapter, sharded=sharded, state={
