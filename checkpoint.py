@@ -55,6 +55,12 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def why(e):
+    """An exception as one line: its type and the first line of its message (pickle, zip and DCP raise long ones)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -450,8 +456,7 @@ def load_train_state(path, trainable, device):
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # missing, truncated or not a torch.save file: pickle and zip raise many kinds
-        raise ValueError(f"{file}: unreadable resume state ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise ValueError(f"{file}: unreadable resume state ({why(e)})") from None
     if read_adapter_config(path):
         return state, {k: v for k, v in read_adapter(path, device).items() if k in trainable}
     return state, read_tensors(path, lambda k: k if k in trainable else None, torch.float32, device)
@@ -491,8 +496,7 @@ def load_sharded(path, model, optimizer):
     try:
         dcp.load(state, checkpoint_id=src)
     except Exception as e:  # a missing or misshapen shard, metadata that is not DCP's: raised as CheckpointException
-        raise ValueError(f"{src}: unreadable sharded state ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise ValueError(f"{src}: unreadable sharded state ({why(e)})") from None
     # dcp.load read every trainable tensor or raised; the frozen ones are the loaded checkpoint's, hence not strict
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
