@@ -408,8 +408,7 @@ def serve(b):
 def quantize(b):
     """The int8 decoder (quantize.py) against the bench dtype. Last in the run order: it quantizes the model."""
     with torch.device("meta"):  # shapes and dtypes, no memory: always the full 40 layers
-        big = ArtemisVLM(ArtemisConfig(TextConfig(**PRESETS["a3"]["text"]), VisionConfig(**PRESETS["a3"]["vision"],
-                                       num_position_embeddings=2304), IMG)).to(torch.bfloat16)
+        big = ArtemisVLM(preset_config("a3")).to(torch.bfloat16)
     a3_bf16, a3_int8 = nbytes(big.state_dict().values()), nbytes(quantize_int8(big).state_dict().values())
     ids, pixels, grid, _, _ = b.inputs(1, answer=False)
     kinds = ["eager"] + (["compiled" + (" (CUDA graphs)" if b.cuda else "")] if b.compile else [])
