@@ -44,7 +44,7 @@ from checkpoint import nbytes, save_pretrained
 from configurator import configure, die
 from dataset import length_grouped
 from lora import apply_lora
-from model import ArtemisConfig, ArtemisVLM, TextConfig
+from model import ArtemisConfig, ArtemisVLM, LinearCrossEntropy, TextConfig
 from processor import CLIP_MEAN, CLIP_STD, Processor
 from quantize import quantize_int8
 from vision import VisionConfig
@@ -535,7 +535,9 @@ def activation_constants(b, run, ckpt):
     and 2 decoder layers and batch 1 and 2: the peak above what was allocated before the step (weights, gradients of
     an earlier micro-step). Solved from the four peaks m[L, B] as m = fixed + B rest + L (B layer + cast):
     layer, per row and decoder layer; cast, per decoder layer and independent of the batch (autocast's bf16 copies of
-    fp32 weights, kept for the backward); rest and fixed, the embedding, tower, projector and loss."""
+    fp32 weights, kept for the backward); rest and fixed, the embedding, tower, projector and loss. chunk, the part of
+    fixed that does not grow with the width: the loss's (rows, vocab) logits chunk and its gradient, measured alone
+    with a 1-wide head (scaled with the rest, it made the small preset's modelled peaks 2-23% high)."""
     c, k, m = b.model.config, b.P["probe"], {}
     v = c.vision
     for L in (1, 2):
@@ -549,10 +551,16 @@ def activation_constants(b, run, ckpt):
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         for B in (1, 2):
             m[L, B] = b.peak_bytes(lambda: micro_step(b, model, B))
+    img = (b.P["image"] // (v.patch_size * v.spatial_merge_size)) ** 2
+    n = b.P["row"] - 1 - b.P["prompt"] - img  # a row's labelled tokens, as micro_step fills it
+    h = torch.randn(n, 1, dtype=torch.bfloat16, device=b.device, requires_grad=True)
+    w = torch.randn(c.text.vocab_size, 1, dtype=torch.bfloat16, device=b.device)
+    t = torch.randint(c.text.vocab_size, (n,), device=b.device)
+    chunk = b.peak_bytes(lambda: LinearCrossEntropy.apply(h, w, t, True).backward())
     layer = m[2, 2] - m[1, 2] - m[2, 1] + m[1, 1]
     cast = m[2, 1] - m[1, 1] - layer
     rest = m[1, 2] - m[1, 1] - layer
-    return dict(fixed=m[1, 1] - rest - layer - cast, rest=rest, layer=layer, cast=cast)
+    return dict(fixed=m[1, 1] - rest - layer - cast, rest=rest, layer=layer, cast=cast, chunk=chunk)
 
 
 def by_dtype(model):  # [(dtype, bytes)] of its parameters and buffers
@@ -565,13 +573,15 @@ def by_dtype(model):  # [(dtype, bytes)] of its parameters and buffers
 def modelled(b, run, opt, a, B):
     """(weights, gradients, optimizer state, activations, the optimizer step's temporaries) per GPU, bytes, at the
     preset's shape. Weights are counted on the meta device; the rest are the measured constants scaled by k (every
-    width; k**2 for the per-layer weight copies, whose size goes with width squared) and the number of layers."""
+    width, but not the loss's logits chunk; k**2 for the per-layer weight copies, whose size goes with width squared)
+    and the number of layers."""
     c, k = b.model.config, b.P["probe"]
     model = graft(c, run, "meta")
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights, grads = nbytes(list(model.parameters()) + list(model.buffers())), nbytes(trainable)
     n, largest = sum(p.numel() for p in trainable), max(p.numel() for p in trainable)
-    acts = k * (a["fixed"] + B * a["rest"]) + c.text.num_hidden_layers * (k * B * a["layer"] + k * k * a["cast"])
+    acts = (a["chunk"] + k * (a["fixed"] - a["chunk"] + B * a["rest"])
+            + c.text.num_hidden_layers * (k * B * a["layer"] + k * k * a["cast"]))
     world = run.get("world", 1)
     if world > 1:  # FSDP2 (train.py: each decoder layer, then the root): every tensor in world shards; the root's
         # own (embedding, head, tower, projector) stay gathered from forward to backward, and two layers at a time
@@ -683,15 +693,16 @@ def memory(b):
             f"{n} {st:.3f}, its step's temporaries {t:.2f} per value of the tensor stepped" for n, (st, t) in opt.items())]
         + [f"activations, {name}, checkpointing {'on' if ckpt else 'off'} (measured at widths / {k}; x {k} for this "
            f"shape): {a['layer'] / T:,.0f} B per token and layer, weight copies {a['cast'] / 2**20:.2f} MiB per layer "
-           f"(x {k * k}), outside the layers {a['rest'] / T:,.0f} B per token and {a['fixed'] / 2**20:.1f} MiB"
+           f"(x {k * k}), outside the layers {a['rest'] / T:,.0f} B per token and {a['fixed'] / 2**20:.1f} MiB, of "
+           f"which the loss's logits chunk {a['chunk'] / 2**20:.1f} MiB (not scaled)"
            for (name, ckpt), a in acts.items()]))
     notes.append("\n".join(f"weights of {name} by dtype (meta device): " + ", ".join(
         f"{str(dt).removeprefix('torch.')} {n / GB:.2f} GB" for dt, n in by_dtype(graft(b.model.config, run, "meta")))
         for name, run in RUNS.items()))
     if b.preset == "a3":
         what = ("weights", "gradients", "optimizer state", "activations", "optimizer step")
-        for name, B, ckpt, card in ((LORA_ROW, 2, True, 80), (LORA_ROW, 2, False, 80), (INT8_ROW, 1, True, 24),
-                                    (INT8_ROW, 1, False, 24), (INT8_16, 1, True, 24), (INT8_16, 1, False, 24), (SINGLE, 1, True, 128), (SINGLE, 1, False, 128)):
+        goals = [(LORA_ROW, 2, 80), (INT8_ROW, 1, 24), (INT8_16, 1, 24), (SINGLE, 1, 128)]
+        for (name, B, card), ckpt in itertools.product(goals, (True, False)):
             x, got = parts[name, B, ckpt], peak[name, B, ckpt] / GB
             held = max(range(5), key=lambda i: x[i])
             notes.append(f"goal: {name}, batch {B}, checkpointing {'on' if ckpt else 'off'}, in {card} GB: "

@@ -8,9 +8,9 @@
 # caption loss within the first few hundred steps, the three A2 sources staying near where they start), and
 # checkpoints of about 2 GB (456M adapter parameters and the 37M-parameter projector in fp32), not 25 GB.
 # Memory to expect (python bench.py --only=memory --preset=a3; README, Hardware notes), per GPU at this batch of 2
-# rows of 1,000 tokens with checkpointing: 36.7 GB, one 80 GB card with 43 GB to spare: the bf16 base and the fp32
-# adapters 27.1 GB, the adapters' and projector's gradients 2.0 GB and AdamW state 3.9 GB, activations 3.7 GB.
-# Without checkpointing 69.1 GB.
+# rows of 1,000 tokens with checkpointing: 35.2 GB, one 80 GB card with 45 GB to spare: the bf16 base and the fp32
+# adapters 27.1 GB, the adapters' and projector's gradients 2.0 GB and AdamW state 3.9 GB, activations 2.2 GB.
+# Without checkpointing 67.6 GB.
 out_dir = "out-stage2-lora"
 init_from = "pretrained"
 pretrained = "schneewolflabs/A3"

@@ -7,9 +7,9 @@
 # parameters (decoder and projector) at the 6.03 bytes each measured at bench.py's small preset (bf16 weights 2, bf16
 # gradients 2, 8-bit moments 2.03; fp32 AdamW: 16, 197 GB) are 74 GB; with the frozen bf16 tower, weights 25.2 GB,
 # gradients 24.6 GB, optimizer state 25.0 GB. Beside them the checkpointed activations of one 1,000-token row,
-# 3.6 GB, or, after the backward, the optimizer step's temporaries for its largest tensor, the 671M-parameter
+# 2.1 GB, or, after the backward, the optimizer step's temporaries for its largest tensor, the 671M-parameter
 # embedding (8.03 bytes a value, measured on a CPU): 5.4 GB. Peak about 80 GB, 48 GB under the GB10's 128 GB (which the host
-# shares) and 61 GB under an H200's 141 GB. Without checkpointing: 86.7 GB at batch 1, 95.6 GB at batch 2.
+# shares) and 61 GB under an H200's 141 GB. Without checkpointing: 85.2 GB at batch 1, 94.1 GB at batch 2.
 out_dir = "out-stage2-single"
 init_from = "pretrained"
 pretrained = "schneewolflabs/A3"
