@@ -508,11 +508,17 @@ def state_bytes(opt):  # a tensor subclass (torchao's 8-bit state) by its inner 
     return nbytes(x for s in opt.state.values() for v in s.values() if torch.is_tensor(v) for x in inner(v))
 
 
+def answer_len(b):
+    """The labelled answer tokens that fill a row of the preset's `row` tokens after bos, the prompt and one image of
+    the preset's side."""
+    v = b.model.config.vision
+    return b.P["row"] - 1 - b.P["prompt"] - (b.P["image"] // (v.patch_size * v.spatial_merge_size)) ** 2
+
+
 def micro_step(b, model, B):
     """One micro-step of train.py under bf16 autocast, on B rows of the preset's `row` tokens: bos, the prompt, one
     image of the preset's side, and the labelled answer that fills the row."""
-    img = (b.P["image"] // (model.config.vision.patch_size * model.config.vision.spatial_merge_size)) ** 2
-    ids, pixels, grid, labels, mask = b.batch([(b.P["image"],) * 2] * B, [b.P["row"] - 1 - b.P["prompt"] - img] * B)
+    ids, pixels, grid, labels, mask = b.batch([(b.P["image"],) * 2] * B, [answer_len(b)] * B)
     with torch.autocast(b.device.split(":")[0], dtype=torch.bfloat16):
         loss = model(ids, pixels, grid, labels=labels, attention_mask=mask)[1]
     loss.backward()
@@ -535,9 +541,8 @@ def activation_constants(b, run, ckpt):
     and 2 decoder layers and batch 1 and 2: the peak above what was allocated before the step (weights, gradients of
     an earlier micro-step). Solved from the four peaks m[L, B] as m = fixed + B rest + L (B layer + cast):
     layer, per row and decoder layer; cast, per decoder layer and independent of the batch (autocast's bf16 copies of
-    fp32 weights, kept for the backward); rest and fixed, the embedding, tower, projector and loss. chunk, the part of
-    fixed that does not grow with the width: the loss's (rows, vocab) logits chunk and its gradient, measured alone
-    with a 1-wide head (scaled with the rest, it made the small preset's modelled peaks 2-23% high)."""
+    fp32 weights, kept for the backward); rest and fixed, the embedding, tower, projector and loss (loss_chunk's
+    part of fixed included)."""
     c, k, m = b.model.config, b.P["probe"], {}
     v = c.vision
     for L in (1, 2):
@@ -551,16 +556,21 @@ def activation_constants(b, run, ckpt):
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         for B in (1, 2):
             m[L, B] = b.peak_bytes(lambda: micro_step(b, model, B))
-    img = (b.P["image"] // (v.patch_size * v.spatial_merge_size)) ** 2
-    n = b.P["row"] - 1 - b.P["prompt"] - img  # a row's labelled tokens, as micro_step fills it
-    h = torch.randn(n, 1, dtype=torch.bfloat16, device=b.device, requires_grad=True)
-    w = torch.randn(c.text.vocab_size, 1, dtype=torch.bfloat16, device=b.device)
-    t = torch.randint(c.text.vocab_size, (n,), device=b.device)
-    chunk = b.peak_bytes(lambda: LinearCrossEntropy.apply(h, w, t, True).backward())
     layer = m[2, 2] - m[1, 2] - m[2, 1] + m[1, 1]
     cast = m[2, 1] - m[1, 1] - layer
     rest = m[1, 2] - m[1, 1] - layer
-    return dict(fixed=m[1, 1] - rest - layer - cast, rest=rest, layer=layer, cast=cast, chunk=chunk)
+    return dict(fixed=m[1, 1] - rest - layer - cast, rest=rest, layer=layer, cast=cast)
+
+
+def loss_chunk(b):
+    """The part of a micro-step's fixed activations that does not grow with the width: the loss's (rows, vocab)
+    logits chunk and its gradient, measured alone with a 1-wide head over a row's labelled tokens, the same for every
+    run (scaled by the probe's factor with the rest, it made the small preset's modelled peaks 2-23% high)."""
+    n, vocab = answer_len(b), b.model.config.text.vocab_size
+    h = torch.randn(n, 1, dtype=torch.bfloat16, device=b.device, requires_grad=True)
+    w = torch.randn(vocab, 1, dtype=torch.bfloat16, device=b.device)
+    t = torch.randint(vocab, (n,), device=b.device)
+    return b.peak_bytes(lambda: LinearCrossEntropy.apply(h, w, t, True).backward())
 
 
 def by_dtype(model):  # [(dtype, bytes)] of its parameters and buffers
@@ -657,7 +667,9 @@ def memory(b):
     in a fresh process, and a LoRA step against a full fine-tune's."""
     k, T, check = b.P["probe"], b.P["row"], b.preset != "a3"
     opt = optimizer_constants(b)
-    acts = {(name, ckpt): activation_constants(b, run, ckpt) for name, run in RUNS.items() for ckpt in (False, True)}
+    chunk = loss_chunk(b)
+    acts = {(name, ckpt): activation_constants(b, run, ckpt) | {"chunk": chunk}
+            for name, run in RUNS.items() for ckpt in (False, True)}
     cols = ["run", "batch", "checkpointing", "weights", "gradients", "optimizer state", "activations",
             "optimizer step", "peak"]
     table, peak, parts = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"], {}, {}
