@@ -45,8 +45,8 @@ def train(out, data, *args, check=True, script=TRAIN, nproc=1, env=None):
     cmd = [*(TORCHRUN if nproc == 2 else [sys.executable]), script, f"--out_dir={out}", f"--dataset={data}", *TINY,
            *args]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
+    if check:  # a run's last printed lines too: a process that aborts at exit leaves no traceback in stderr
+        assert p.returncode == 0, f"exit {p.returncode}; stdout ends {p.stdout[-1500:]!r}; stderr {p.stderr[-3000:]}"
     return p
 
 
