@@ -7,16 +7,17 @@ Train the Artemis graft, both stages, in one loop that reads top to bottom (afte
     python train.py config/stage2_single.py               # the same on one 128 GB device: bf16 weights, 8-bit AdamW
     python train.py config/stage2_lora.py                 # the same with LoRA adapters, on one GPU
 
-stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the
-vision tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters
-get optimizer state. `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead, in bf16 on CUDA or
-in int8 (`lora_base = "int8"`). Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py, artemis-vlm
-and transformers load them), or a LoRA run's as a PEFT adapter naming its base, with the tokenizer and
+stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the vision
+tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters get
+optimizer state: AdamW's, torchao's 8-bit AdamW's, or Muon's for the hidden matrices (muon.py: the CPU demo's, which
+learns in half AdamW's steps). `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead, in bf16 on
+CUDA or in int8 (`lora_base = "int8"`). Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py,
+artemis-vlm and transformers load them), or a LoRA run's as a PEFT adapter naming its base, with the tokenizer and
 `train_state.pt`, the resume state: optimizer, step, RNG. Under fsdp each process writes its shards of the trainable
 weights and optimizer state (torch.distributed.checkpoint) beside them. The data order is a fixed function of seed
-and step, so the step is the data position. `dataset` may mix prepared datasets
-by weight ("data/llava:3,data/a2-text:1": Stage 2 with text rehearsal); eval reports each source's held-out loss and
-captions a few held-out images. Micro-batches are cut from rows of similar length, so they pad little.
+and step, so the step is the data position. `dataset` may mix prepared datasets by weight
+("data/llava:3,data/a2-text:1": Stage 2 with text rehearsal); eval reports each source's held-out loss and captions
+a few held-out images. Micro-batches are cut from rows of similar length, so they pad little.
 """
 import itertools
 import json
@@ -41,6 +42,7 @@ from configurator import configure, die
 from dataset import Mixture
 from lora import TARGETS, apply_lora
 from model import ArtemisConfig, ArtemisVLM, TextConfig
+from muon import MuonAdamW, is_hidden_matrix
 from processor import Processor, has_think
 from quantize import quantize_int8
 from vision import VisionConfig
@@ -90,8 +92,9 @@ lora_alpha = 16  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05
 lora_targets = ",".join(TARGETS)  # which linears of each decoder layer get adapters
 lora_base = ""  # the frozen decoder: '' in the autocast dtype (bf16 on CUDA); 'int8': quantize.py's (QLoRA-style)
-# AdamW: one learning rate per part, warmup then cosine to min_lr_frac
-optimizer = "adamw"  # 'adamw': torch's; 'adamw8bit': torchao's, moments in 8 bits (block-wise scaled)
+# the optimizer: one learning rate per part, warmup then cosine to min_lr_frac
+optimizer = "adamw"  # 'adamw': torch's; 'adamw8bit': torchao's, 8-bit moments (block-wise scaled); 'muon': muon.py's
+muon_lr_scale = 1.0  # optimizer='muon': the hidden matrices step at this multiple of their part's AdamW lr
 master_weights = "fp32"  # the trainable weights' dtype; 'bf16': torchao rounds each update stochastically
 learning_rate = 1e-3  # projector
 decoder_lr = 2e-5
@@ -123,8 +126,10 @@ if stage not in ("stage1", "stage2"):
     die(f"stage={stage!r}, expected 'stage1' or 'stage2'")
 if train_on not in ("all", "last"):
     die(f"train_on={train_on!r}, expected 'all' or 'last'")
-if optimizer not in ("adamw", "adamw8bit"):
-    die(f"optimizer={optimizer!r}, expected 'adamw' or 'adamw8bit'")
+if optimizer not in ("adamw", "adamw8bit", "muon"):
+    die(f"optimizer={optimizer!r}, expected 'adamw', 'adamw8bit' or 'muon'")
+if optimizer == "muon" and (master_weights != "fp32" or fsdp):  # Muon orthogonalizes each matrix whole, in fp32
+    die(f"optimizer='muon' needs master_weights='fp32' and fsdp=False (they are {master_weights!r}, {fsdp})")
 if master_weights not in ("fp32", "bf16"):
     die(f"master_weights={master_weights!r}, expected 'fp32' or 'bf16'")
 if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
@@ -303,17 +308,23 @@ if ddp and not fsdp:  # find_unused_parameters: a micro-batch of text-only rows 
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None,
                       find_unused_parameters=True, broadcast_buffers=False)  # buffers (int8 weights) never train
 
-# optimizer: one group per part, decay on matrices only --------------------------------------------------------
+# optimizer: one group per part, decay on matrices only; under Muon the hidden matrices in groups of their own ---
 parts = {"projector": (model.multi_modal_projector, learning_rate), "decoder": (model.language_model, decoder_lr),
          "vision": (model.visual, vision_lr)}
 groups = []
-for name, (module, lr) in parts.items():
-    ps = [p for p in module.parameters() if p.requires_grad]
+for part, (module, lr) in parts.items():
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if optimizer == "muon" and is_hidden_matrix(n, p)]
+    if muon:
+        groups.append({"params": muon, "lr": lr * muon_lr_scale, "base_lr": lr * muon_lr_scale,
+                       "weight_decay": weight_decay, "muon": True})
     for decay in (True, False):
-        sel = [p for p in ps if (p.dim() >= 2) == decay]
+        sel = [p for n, p in named if (p.dim() >= 2) == decay and not any(p is q for q in muon)]
         if sel:
             groups.append({"params": sel, "lr": lr, "base_lr": lr, "weight_decay": weight_decay if decay else 0.0})
-if optimizer == "adamw" and master_weights == "fp32":  # the config key's string; from here on, the optimizer
+if optimizer == "muon":  # the config key's string; from here on, the optimizer
+    optimizer = MuonAdamW(groups, betas=(beta1, beta2))
+elif optimizer == "adamw" and master_weights == "fp32":
     optimizer = torch.optim.AdamW(groups, betas=(beta1, beta2), fused=device_type == "cuda")
 else:  # torchao steps in fp32 and rounds a bf16 weight stochastically: updates below its resolution still add up
     # (torch's AdamW rounds them to nearest, where they vanish); _AdamW is its plain AdamW, as its README shows
@@ -465,9 +476,10 @@ def resume():
         state, exact = load_train_state(ckpt_dir, {} if fsdp else trainable, device)
     except (ValueError, FileNotFoundError) as e:
         die(f"init_from='resume': {e}")
-    was = {"lora_rank": 0, "optimizer": "adamw", "master_weights": "fp32", **state["config"]}  # runs before the keys
+    was = {"lora_rank": 0, "optimizer": "adamw", "master_weights": "fp32", "muon_lr_scale": 1.0,  # runs before the keys
+           **state["config"]}
     keys = ["dataset", "seed", "batch_size", "gradient_accumulation_steps", "max_iters", "stage", "warmup_frac",
-            "vision_top_n", "length_window", "lora_rank", "optimizer", "master_weights"]
+            "vision_top_n", "length_window", "lora_rank", "optimizer", "master_weights", "muon_lr_scale"]
     keys += ["lora_alpha", "lora_targets", "lora_base"] if lora_rank else []
     changed = [k for k in keys if was.get(k) != config[k]]
     if changed:

@@ -151,6 +151,22 @@ def test_resume_is_exact_with_8bit_adamw_and_bf16_weights(tmp_path, data):
     assert "resume with other master_weights" in msg
 
 
+def test_resume_is_exact_with_muon(tmp_path, data):
+    """The drawings demo's optimizer: the hidden matrices' momentum comes back with the AdamW moments of the rest."""
+    common = ["--init_from=scratch", "--stage=stage2", "--vision_top_n=1", "--max_iters=12", "--eval_interval=1000",
+              "--optimizer=muon", "--muon_lr_scale=3"]
+    resumed_equals_uninterrupted(tmp_path, data, common, 12)
+    opt = torch.load(tmp_path / "cut" / "ckpt" / "train_state.pt", weights_only=False)["optimizer"]
+    muon = [g for g in opt["param_groups"] if g["muon"]]
+    assert muon and all("momentum_buffer" in opt["state"][i] for g in muon for i in g["params"])
+    assert all("exp_avg" in opt["state"][i] for g in opt["param_groups"] if not g["muon"] for i in g["params"])
+    # the saved groups carry their learning rates: another scale would be silently ignored, so it is refused
+    msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", "--muon_lr_scale=1", check=False))
+    assert "resume with other muon_lr_scale" in msg
+    msg = one_error(train(tmp_path / "bf16", data, *common, "--master_weights=bf16", "--dtype=bfloat16", check=False))
+    assert "optimizer='muon' needs master_weights='fp32'" in msg
+
+
 def test_resume_after_a_kill_keeps_one_row_per_step(tmp_path, data):
     """Killed (no save on the way out) after its checkpoint at iter 8, with a metrics line cut in half: the resumed run
     goes through steps 8-11 again, and metrics.jsonl holds each step's row once, as the uninterrupted run's."""
