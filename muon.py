@@ -45,7 +45,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError("a muon group holds only 2-D parameters (matrices)")
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
             for p in g["params"]:
@@ -70,3 +74,4 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(g["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+        return loss

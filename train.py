@@ -128,10 +128,12 @@ if train_on not in ("all", "last"):
     die(f"train_on={train_on!r}, expected 'all' or 'last'")
 if optimizer not in ("adamw", "adamw8bit", "muon"):
     die(f"optimizer={optimizer!r}, expected 'adamw', 'adamw8bit' or 'muon'")
-if optimizer == "muon" and (master_weights != "fp32" or fsdp):  # Muon orthogonalizes each matrix whole, in fp32
-    die(f"optimizer='muon' needs master_weights='fp32' and fsdp=False (they are {master_weights!r}, {fsdp})")
 if master_weights not in ("fp32", "bf16"):
     die(f"master_weights={master_weights!r}, expected 'fp32' or 'bf16'")
+# Muon orthogonalizes each full matrix whole, in fp32; LoRA's factors (B starts at zero) are not such matrices
+if optimizer == "muon" and (master_weights != "fp32" or fsdp or lora_rank):
+    die(f"optimizer='muon' needs master_weights='fp32', fsdp=False and lora_rank=0 (they are {master_weights!r}, "
+        f"{fsdp}, {lora_rank})")
 if master_weights == "bf16" and dtype != "bfloat16":  # fp32 activations would meet bf16 weights in every matmul
     die(f"master_weights='bf16' computes in bf16: set dtype='bfloat16' (it is {dtype!r})")
 if optimizer == "adamw8bit" or master_weights == "bf16":  # torchao's optimizers; found out before a 12B model loads

@@ -160,11 +160,17 @@ def test_resume_is_exact_with_muon(tmp_path, data):
     muon = [g for g in opt["param_groups"] if g["muon"]]
     assert muon and all("momentum_buffer" in opt["state"][i] for g in muon for i in g["params"])
     assert all("exp_avg" in opt["state"][i] for g in opt["param_groups"] if not g["muon"] for i in g["params"])
+    # each part's Muon group comes just before its AdamW groups, at muon_lr_scale times their lr
+    groups = opt["param_groups"]
+    assert all(g["base_lr"] == pytest.approx(3 * groups[i + 1]["base_lr"]) and not groups[i + 1]["muon"]
+               for i, g in enumerate(groups) if g["muon"])
     # the saved groups carry their learning rates: another scale would be silently ignored, so it is refused
     msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", "--muon_lr_scale=1", check=False))
     assert "resume with other muon_lr_scale" in msg
     msg = one_error(train(tmp_path / "bf16", data, *common, "--master_weights=bf16", "--dtype=bfloat16", check=False))
     assert "optimizer='muon' needs master_weights='fp32'" in msg
+    msg = one_error(train(tmp_path / "lora", data, *common, "--lora_rank=4", check=False))
+    assert "optimizer='muon' needs" in msg and "lora_rank=0" in msg
 
 
 def test_resume_after_a_kill_keeps_one_row_per_step(tmp_path, data):
