@@ -1,8 +1,8 @@
 # The demo that captions people's own drawings, second of its two runs: the graft of config/drawings_shape.py, which
 # learned shape and size first, goes on to the full captions of shapes varied as people draw them.
 #   python prepare.py --dataset=drawings && python train.py config/drawings_shape.py && python train.py config/drawings.py && python sample.py --image=data/drawings/example.png --prompt="Describe this image." --temperature=0
-# Expect held-out loss 0.010-0.018 at iter 1200; 93.7-96.7% exact on held-out drawings, 94.5-99.5% on
-# tests/shapes_drawn.py, 92.5-97.0% on tests/shapes_drawn2.py (six runs: two machines, five seeds). Time: README's
+# Expect held-out loss 0.010-0.019 at iter 1200; 93.7-96.7% exact on held-out drawings, 94.5-99.5% on
+# tests/shapes_drawn.py, 92.5-97.0% on tests/shapes_drawn2.py (eight runs: two machines, seven seeds). Time: README's
 # "Two commands" (over its 4-minute aim; 2400 + 1600 iters gain about 2 points held-out and 3-5 drawn2 for a third more
 # time: the trade-off is in README and docs/experiments.md).
 # What was tried on the way, and at which settings: docs/experiments.md.
