@@ -4,8 +4,10 @@ optimizer='muon'), after Keller Jordan's Muon and nanochat's optimizer that step
 Muon steps a 2-D weight along its Nesterov momentum made orthogonal by a few Newton-Schulz iterations: every
 direction of the update moves at about the same rate, where AdamW's follow the gradient's few largest ones. The
 update is scaled to AdamW's size (0.2 sqrt(max(rows, cols)), Moonshot's rule, torch.optim.Muon's
-adjust_lr_fn='match_rms_adamw'), so each part's AdamW learning rate carries over. Embeddings, the output head, the
-patch embedding, norms and biases stay on AdamW (a group without `muon`), as in both references.
+adjust_lr_fn='match_rms_adamw'), so each part's AdamW learning rate carries over. The vision tower's patch embedding
+(a convolution) steps as the matrix it is, (out channels, in channels x kernel), as Keller Jordan's CIFAR-10 runs step
+their convolutions. Embedding tables, the output head, norms and biases stay on AdamW (a group without `muon`), as in
+both references.
 
 torch.optim.Muon takes the same step, but orthogonalizes in bf16, which a CPU runs several times slower than fp32:
 the drawings demo's step took 1.3x as long with it as with this one.
@@ -28,21 +30,22 @@ def orthogonalize(g, steps=5):
 
 
 def is_hidden_matrix(name, p):
-    """Whether train.py steps parameter `name` by Muon: a hidden layer's matrix, not an embedding table, the output
-    head (tied or not) or the patch embedding (a 5-D convolution)."""
-    return p.dim() == 2 and "embed" not in name and "lm_head" not in name
+    """Whether train.py steps parameter `name` by Muon: a hidden layer's matrix or a convolution's filters (the patch
+    embedding's), not an embedding table or the output head (tied or not)."""
+    return p.dim() > 2 or (p.dim() == 2 and "embed" not in name and "lm_head" not in name)
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """A group with `muon=True` steps by Muon (its params 2-D), any other by AdamW, both with decoupled weight decay.
-    The AdamW step is torch.optim.AdamW's (tests/test_muon.py compares them)."""
+    """A group with `muon=True` steps by Muon (its params matrices, or filters stepped as matrices: (out, the rest)),
+    any other by AdamW, both with decoupled weight decay. The AdamW step is torch.optim.AdamW's (tests/test_muon.py
+    compares them)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                                       ns_steps=ns_steps, muon=False))
         for g in self.param_groups:
-            if g["muon"] and any(p.dim() != 2 for p in g["params"]):
-                raise ValueError("a muon group holds only 2-D parameters (matrices)")
+            if g["muon"] and any(p.dim() < 2 for p in g["params"]):
+                raise ValueError("a muon group holds only parameters of 2-D or more (matrices, filters)")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,8 +65,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     if not state:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     buf = state["momentum_buffer"].mul_(g["momentum"]).add_(grad)
-                    update = orthogonalize(grad.add(buf, alpha=g["momentum"]), g["ns_steps"])  # Nesterov
-                    p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+                    m = grad.add(buf, alpha=g["momentum"]).flatten(1)  # Nesterov; (out, in x kernel)
+                    p.add_(orthogonalize(m, g["ns_steps"]).view_as(p), alpha=-lr * 0.2 * max(m.shape) ** 0.5)
                     continue
                 if not state:
                     state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))

@@ -499,7 +499,10 @@ def resume():
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(exact[n])  # the saved master weights (read in fp32), not their rounding to frozen_dtype
-        optimizer.load_state_dict(state["optimizer"])
+        try:  # e.g. a Muon run from before the patch embedding moved into its Muon group
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            die(f"init_from='resume': {ckpt_dir}'s optimizer state does not fit this train.py's parameter groups ({e})")
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process since sharded resume
     set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     return state["iter_num"], state["best_val_loss"]

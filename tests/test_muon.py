@@ -73,13 +73,25 @@ def test_a_muon_group_of_vectors_is_refused():
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(8))], "muon": True}])
 
 
-def test_hidden_matrices_are_the_layers_not_embeddings_or_head():
+def test_hidden_matrices_are_the_layers_and_filters_not_embeddings_or_head():
     assert is_hidden_matrix("visual.blocks.0.attn.qkv.weight", torch.zeros(3, 2))
     assert is_hidden_matrix("language_model.model.layers.1.mlp.down_proj.weight", torch.zeros(3, 2))
+    assert is_hidden_matrix("visual.patch_embed.proj.weight", torch.zeros(2, 3, 2, 4, 4))
     for name, shape in [("language_model.model.embed_tokens.weight", (5, 2)), ("language_model.lm_head.weight", (5, 2)),
-                        ("visual.pos_embed.weight", (4, 2)), ("visual.patch_embed.proj.weight", (2, 3, 2, 4, 4)),
-                        ("visual.blocks.0.norm1.weight", (2,))]:
+                        ("visual.pos_embed.weight", (4, 2)), ("visual.blocks.0.norm1.weight", (2,))]:
         assert not is_hidden_matrix(name, torch.zeros(shape)), name
+
+
+def test_filters_step_as_their_matrix():
+    """A convolution's (out, in, t, h, w) filters take the step of the (out, in*t*h*w) matrix they are."""
+    conv = [torch.nn.Parameter(torch.randn(8, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0)))]
+    start = conv[0].detach().flatten(1).clone()
+    flat = [torch.nn.Parameter(start.clone())]
+    a = run(MuonAdamW([{"params": conv, "muon": True}], lr=1e-2, weight_decay=0.1), conv, 3)
+    b = run(MuonAdamW([{"params": flat, "muon": True}], lr=1e-2, weight_decay=0.1), flat, 3)
+    assert (a[0][0].flatten(1) - start).abs().max() > 1e-3  # it stepped
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x[0].flatten(1), y[0], rtol=0, atol=0)
 
 
 def test_state_round_trip_is_exact():

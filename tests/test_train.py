@@ -159,6 +159,7 @@ def test_resume_is_exact_with_muon(tmp_path, data):
     opt = torch.load(tmp_path / "cut" / "ckpt" / "train_state.pt", weights_only=False)["optimizer"]
     muon = [g for g in opt["param_groups"] if g["muon"]]
     assert muon and all("momentum_buffer" in opt["state"][i] for g in muon for i in g["params"])
+    assert any(opt["state"][i]["momentum_buffer"].dim() == 5 for g in muon for i in g["params"])  # patch filters
     assert all("exp_avg" in opt["state"][i] for g in opt["param_groups"] if not g["muon"] for i in g["params"])
     # each part's Muon group comes just before its AdamW groups, at muon_lr_scale times their lr
     groups = opt["param_groups"]
@@ -167,6 +168,14 @@ def test_resume_is_exact_with_muon(tmp_path, data):
     # the saved groups carry their learning rates: another scale would be silently ignored, so it is refused
     msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", "--muon_lr_scale=1", check=False))
     assert "resume with other muon_lr_scale" in msg
+    # a run saved under other groups (before the patch embedding was Muon's): a one-line error, the state untouched
+    path = tmp_path / "cut" / "ckpt" / "train_state.pt"
+    state = torch.load(path, weights_only=False)
+    state["optimizer"]["param_groups"][0]["params"].pop()
+    torch.save(state, path)
+    before = path.read_bytes()
+    msg = one_error(train(tmp_path / "cut", data, *common, "--init_from=resume", check=False))
+    assert "optimizer state does not fit" in msg and path.read_bytes() == before
     msg = one_error(train(tmp_path / "bf16", data, *common, "--master_weights=bf16", "--dtype=bfloat16", check=False))
     assert "optimizer='muon' needs master_weights='fp32'" in msg
     msg = one_error(train(tmp_path / "lora", data, *common, "--lora_rank=4", check=False))
