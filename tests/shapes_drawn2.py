@@ -10,7 +10,7 @@ apex off center, crosses of 0.25-0.4 arm width), and so do canvases (40x30 to 10
 stroke widths (2.5-6% of the short side), the Material Design palette's shades, backgrounds of white, near-black or
 gray, a fifth of the white ones a transparent PNG (composited on white by the processor), a quarter of all saved as
 JPEG at quality 60-90. Sizes follow the README's rule: small is at most half the canvas's short side (here 28-47%),
-large at least 62% (here 65-90%), the shape's extent being the larger of its width and height before it is turned.
+large at least 65% (here 65-90%), the shape's extent being the larger of its width and height before it is turned.
 Scored as tests/shapes_drawn.py scores: each file read and captioned as sample.py does.
 
     python tests/shapes_drawn2.py out-drawings/ckpt          # 400 drawings
