@@ -437,10 +437,13 @@ def test_damaged_checkpoint_is_one_line(tmp_path, data, tiny_ckpt):
 
 
 def test_accuracy_scripts_run(data, tiny_ckpt):
-    """tests/shapes_accuracy.py and tests/shapes_drawn.py score a trained demo in minutes; here a random checkpoint
-    with the shapes tokenizer scores 3 images each, so a change to what they call breaks a test, not the script."""
+    """tests/shapes_accuracy.py, shapes_drawn.py, shapes_drawn2.py and shapes_fresh.py score a trained demo in
+    minutes; here a random checkpoint with the shapes tokenizer scores 3 images each, so a change to what they call
+    breaks a test, not the script."""
     for script, args, says in (("shapes_accuracy.py", [tiny_ckpt, data, "3"], "exact held-out captions"),
-                               ("shapes_drawn.py", [tiny_ckpt, "3"], "exact captions of drawings made by another")):
+                               ("shapes_drawn.py", [tiny_ckpt, "3"], "exact captions of drawings made by another"),
+                               ("shapes_drawn2.py", [tiny_ckpt, "3"], "exact captions of drawings made by a second"),
+                               ("shapes_fresh.py", [tiny_ckpt, "3"], "exact captions of new drawings of prepare")):
         p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], capture_output=True,
                            text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as TINY's threads
         assert p.returncode == 0, p.stderr[-3000:]
