@@ -1,7 +1,7 @@
-"""Muon for the hidden layers' matrices and AdamW for everything else, in one torch optimizer (train.py's
+"""Muon for the hidden layers' matrices (and filters) and AdamW for everything else, in one torch optimizer (train.py's
 optimizer='muon'), after Keller Jordan's Muon and nanochat's optimizer that steps both.
 
-Muon steps a 2-D weight along its Nesterov momentum made orthogonal by a few Newton-Schulz iterations: every
+Muon steps a weight matrix along its Nesterov momentum made orthogonal by a few Newton-Schulz iterations: every
 direction of the update moves at about the same rate, where AdamW's follow the gradient's few largest ones. The
 update is scaled to AdamW's size (0.2 sqrt(max(rows, cols)), Moonshot's rule, torch.optim.Muon's
 adjust_lr_fn='match_rms_adamw'), so each part's AdamW learning rate carries over. The vision tower's patch embedding
@@ -30,8 +30,8 @@ def orthogonalize(g, steps=5):
 
 
 def is_hidden_matrix(name, p):
-    """Whether train.py steps parameter `name` by Muon: a hidden layer's matrix or a convolution's filters (the patch
-    embedding's), not an embedding table or the output head (tied or not)."""
+    """Whether train.py steps parameter `name` by Muon: a hidden layer's matrix or any parameter above 2-D (a
+    convolution's filters: here the patch embedding's only), not an embedding table or the output head (tied or not)."""
     return p.dim() > 2 or (p.dim() == 2 and "embed" not in name and "lm_head" not in name)
 
 

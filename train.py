@@ -9,8 +9,8 @@ Train the Artemis graft, both stages, in one loop that reads top to bottom (afte
 
 stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the vision
 tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters get
-optimizer state: AdamW's, torchao's 8-bit AdamW's, or Muon's for the hidden matrices (muon.py: the CPU demo's, which
-learns in half AdamW's steps). `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead, in bf16 on
+optimizer state: AdamW's, torchao's 8-bit AdamW's, or Muon's for the hidden matrices and the patch filters (muon.py: the CPU
+demo's, which learns in half AdamW's steps). `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead, in bf16 on
 CUDA or in int8 (`lora_base = "int8"`). Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py,
 artemis-vlm and transformers load them), or a LoRA run's as a PEFT adapter naming its base, with the tokenizer and
 `train_state.pt`, the resume state: optimizer, step, RNG. Under fsdp each process writes its shards of the trainable
@@ -94,7 +94,7 @@ lora_targets = ",".join(TARGETS)  # which linears of each decoder layer get adap
 lora_base = ""  # the frozen decoder: '' in the autocast dtype (bf16 on CUDA); 'int8': quantize.py's (QLoRA-style)
 # the optimizer: one learning rate per part, warmup then cosine to min_lr_frac
 optimizer = "adamw"  # 'adamw': torch's; 'adamw8bit': torchao's, 8-bit moments (block-wise scaled); 'muon': muon.py's
-muon_lr_scale = 1.0  # optimizer='muon': the hidden matrices step at this multiple of their part's AdamW lr
+muon_lr_scale = 1.0  # optimizer='muon': Muon's matrices (and filters) step at this multiple of their part's AdamW lr
 master_weights = "fp32"  # the trainable weights' dtype; 'bf16': torchao rounds each update stochastically
 learning_rate = 1e-3  # projector
 decoder_lr = 2e-5
@@ -502,7 +502,8 @@ def resume():
         try:  # e.g. a Muon run from before the patch embedding moved into its Muon group
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
-            die(f"init_from='resume': {ckpt_dir}'s optimizer state does not fit this train.py's parameter groups ({e})")
+            die(f"init_from='resume': {ckpt_dir}/train_state.pt: its optimizer state does not fit this train.py's "
+                f"parameter groups ({e}); start from its weights with --init_from=pretrained --pretrained={ckpt_dir}")
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process since sharded resume
     set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     return state["iter_num"], state["best_val_loss"]

@@ -82,9 +82,10 @@ def test_hidden_matrices_are_the_layers_and_filters_not_embeddings_or_head():
         assert not is_hidden_matrix(name, torch.zeros(shape)), name
 
 
-def test_filters_step_as_their_matrix():
+@pytest.mark.parametrize("out", [8, 128])  # fewer rows than columns, and more (orthogonalized transposed)
+def test_filters_step_as_their_matrix(out):
     """A convolution's (out, in, t, h, w) filters take the step of the (out, in*t*h*w) matrix they are."""
-    conv = [torch.nn.Parameter(torch.randn(8, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0)))]
+    conv = [torch.nn.Parameter(torch.randn(out, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0)))]
     start = conv[0].detach().flatten(1).clone()
     flat = [torch.nn.Parameter(start.clone())]
     a = run(MuonAdamW([{"params": conv, "muon": True}], lr=1e-2, weight_decay=0.1), conv, 3)
