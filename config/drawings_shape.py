@@ -2,9 +2,9 @@
 # captioned without their color and background ("a small circle."); config/drawings.py then goes on from its checkpoint
 # to the full captions.
 #   python prepare.py --dataset=drawings && python train.py config/drawings_shape.py
-# Expect held-out loss 0.02-0.035 at iter 1800: 0.0303 at 2 threads (README's command), 0.0242, 0.0308, 0.0218 and
-# 0.0229 at seeds 1 to 4 (1 thread). A machine repeats its own figure; another CPU sums in another order. Time:
-# README's "Two commands".
+# Expect held-out loss 0.02-0.035 at iter 1800: 0.0303 at 2 threads (README's command), 0.0242, 0.0308, 0.0218, 0.0229,
+# 0.0282 and 0.0315 at seeds 1 to 6 (1 thread). A machine repeats its own figure; another CPU sums in another order.
+# Time: README's "Two commands".
 # Why two runs: learned from the start, color and background slow the learning of shape. The runs that showed it, and
 # what else was tried: docs/experiments.md.
 out_dir = "out-drawings-shape"
