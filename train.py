@@ -8,16 +8,16 @@ Train the Artemis graft, both stages, in one loop that reads top to bottom (afte
     python train.py config/stage2_lora.py                 # the same with LoRA adapters, on one GPU
 
 stage1 trains the projector; stage2 the projector and the decoder; `vision_top_n` opens the top blocks of the vision
-tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters get
-optimizer state: AdamW's, torchao's 8-bit AdamW's, or Muon's for the hidden matrices and the patch filters (muon.py: the CPU
-demo's, which learns in half AdamW's steps). `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead, in bf16 on
-CUDA or in int8 (`lora_base = "int8"`). Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout (sample.py,
-artemis-vlm and transformers load them), or a LoRA run's as a PEFT adapter naming its base, with the tokenizer and
-`train_state.pt`, the resume state: optimizer, step, RNG. Under fsdp each process writes its shards of the trainable
-weights and optimizer state (torch.distributed.checkpoint) beside them. The data order is a fixed function of seed
-and step, so the step is the data position. `dataset` may mix prepared datasets by weight
-("data/llava:3,data/a2-text:1": Stage 2 with text rehearsal); eval reports each source's held-out loss and captions
-a few held-out images. Micro-batches are cut from rows of similar length, so they pad little.
+tower (all of it, patch embedding and merger too, when it covers every block). Only trainable parameters get optimizer
+state: AdamW's, torchao's 8-bit AdamW's, or Muon's for the hidden matrices and the patch filters (muon.py: the CPU
+demo's, which learns in half AdamW's steps). `lora_rank` trains LoRA adapters (lora.py) on the frozen decoder instead,
+in bf16 on CUDA or in int8 (`lora_base = "int8"`). Checkpoints land in `out_dir/ckpt` in the artemis-vlm layout
+(sample.py, artemis-vlm and transformers load them), or a LoRA run's as a PEFT adapter naming its base, with the
+tokenizer and `train_state.pt`, the resume state: optimizer, step, RNG. Under fsdp each process writes its shards of the
+trainable weights and optimizer state (torch.distributed.checkpoint) beside them. The data order is a fixed function of
+seed and step, so the step is the data position. `dataset` may mix prepared datasets by weight
+("data/llava:3,data/a2-text:1": Stage 2 with text rehearsal); eval reports each source's held-out loss and captions a
+few held-out images. Micro-batches are cut from rows of similar length, so they pad little.
 """
 import itertools
 import json
@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (check_save, from_parts, from_pretrained, load_sharded, load_train_state, read_adapter_config,
-                        resolve, save_sharded, save_train_state)
+from checkpoint import (TRAIN_STATE, check_save, from_parts, from_pretrained, load_sharded, load_train_state,
+                        read_adapter_config, resolve, save_sharded, save_train_state)
 from configurator import configure, die
 from dataset import Mixture
 from lora import TARGETS, apply_lora
@@ -502,8 +502,9 @@ def resume():
         try:  # e.g. a Muon run from before the patch embedding moved into its Muon group
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
-            die(f"init_from='resume': {ckpt_dir}/train_state.pt: its optimizer state does not fit this train.py's "
-                f"parameter groups ({e}); start from its weights with --init_from=pretrained --pretrained={ckpt_dir}")
+            die(f"init_from='resume': {os.path.join(ckpt_dir, TRAIN_STATE)}: its optimizer state does not fit this "
+                f"train.py's parameter groups ({e}); start from its weights with --init_from=pretrained "
+                f"--pretrained={ckpt_dir}")
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process since sharded resume
     set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     return state["iter_num"], state["best_val_loss"]

@@ -1,7 +1,7 @@
-"""Exact-match caption accuracy of a trained drawings demo on new drawings of prepare.py's own routine, from a seed
-no default run uses (a script, not a test: it needs the demo's trained checkpoint). The 366 held-out rows of
-data/drawings leave a run's figure about +-1.1 points of chance (one binomial standard error, at 95% right); 2000 new ones
-about +-0.5, so two settings' runs compare here at half the noise. Scored as tests/shapes_drawn.py scores: each
+"""Exact-match caption accuracy of a trained drawings demo on new drawings of prepare.py's own routine, from a seed no
+default run uses (a script, not a test: it needs the demo's trained checkpoint). The 366 held-out rows of
+data/drawings leave a run's figure about +-1.1 points of chance (one binomial standard error, at 95% right); 2000 new
+ones about +-0.5, so two settings' runs compare here at half the noise. Scored as tests/shapes_drawn.py scores: each
 drawing captioned as sample.py does, through the checkpoint's processor.
 
     python tests/shapes_fresh.py out-drawings/ckpt          # 2000 drawings
