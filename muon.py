@@ -18,13 +18,14 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: singular
 
 
 def orthogonalize(g, steps=5):
-    """The nearest semi-orthogonal matrix to g, roughly: U V^T of its SVD, by Newton-Schulz iteration."""
+    """The nearest semi-orthogonal matrix to g, roughly: U V^T of its SVD, by Newton-Schulz iteration; g (rows, cols)
+    or a stack of them (k, rows, cols), each orthogonalized on its own."""
     a, b, c = NS_COEFFICIENTS
-    tall = g.shape[0] > g.shape[1]
+    tall = g.shape[-2] > g.shape[-1]
     x = g.mT if tall else g  # the Gram matrix of the short side is the cheap one
-    x = x / (x.norm() + 1e-7)  # singular values at most 1, where the iteration converges
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)  # singular values at most 1: converges
     for _ in range(steps):
-        A = x @ x.mT  # (short, short)
+        A = x @ x.mT  # (..., short, short)
         x = a * x + (b * A + c * A @ A) @ x
     return x.mT if tall else x
 
@@ -55,6 +56,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
+            stacks = {}  # Muon's matrices by shape: each stack orthogonalized at once, not one small matmul at a time
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -66,7 +68,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p)
                     buf = state["momentum_buffer"].mul_(g["momentum"]).add_(grad)
                     m = grad.add(buf, alpha=g["momentum"]).flatten(1)  # Nesterov; (out, in x kernel)
-                    p.add_(orthogonalize(m, g["ns_steps"]).view_as(p), alpha=-lr * 0.2 * max(m.shape) ** 0.5)
+                    stacks.setdefault(m.shape, []).append((p, m))
                     continue
                 if not state:
                     state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
@@ -77,4 +79,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(g["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+            for shape, pm in stacks.items():
+                u = orthogonalize(torch.stack([m for _, m in pm]), g["ns_steps"])  # (k, out, in x kernel)
+                for (p, _), d in zip(pm, u):
+                    p.add_(d.view_as(p), alpha=-lr * 0.2 * max(shape) ** 0.5)
         return loss

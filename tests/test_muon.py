@@ -95,6 +95,21 @@ def test_filters_step_as_their_matrix(out):
         torch.testing.assert_close(x[0].flatten(1), y[0], rtol=0, atol=0)
 
 
+def test_matrices_of_one_shape_step_as_each_alone():
+    """A group's matrices of one shape are orthogonalized as a stack: each takes the step it takes in a group of its
+    own (the stack's norms and products per matrix, not across them)."""
+    shapes = [(48, 80), (48, 80), (80, 48), (80, 48), (32, 32)]
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(*s, generator=g) * (i + 1) for i, s in enumerate(shapes)]  # norms apart: each its own
+    together = [torch.nn.Parameter(x.clone()) for x in start]
+    alone = [torch.nn.Parameter(x.clone()) for x in start]
+    a = run(MuonAdamW([{"params": together, "muon": True}], lr=1e-2, weight_decay=0.1), together, 3)
+    b = run(MuonAdamW([{"params": [p], "muon": True} for p in alone], lr=1e-2, weight_decay=0.1), alone, 3)
+    for step_a, step_b in zip(a, b):
+        for x, y in zip(step_a, step_b):
+            torch.testing.assert_close(x, y)
+
+
 def test_state_round_trip_is_exact():
     """What train.py's checkpoint carries, optimizer.state_dict() through torch.save, continues the run exactly."""
     ps = params()
