@@ -10,7 +10,8 @@ their convolutions. Embedding tables, the output head, norms and biases stay on 
 both references.
 
 torch.optim.Muon takes the same step, but orthogonalizes in bf16, which a CPU runs several times slower than fp32:
-the drawings demo's step took 1.3x as long with it as with this one.
+the drawings demo's step took 1.3x as long with it as with this one. A group's matrices of one shape are orthogonalized
+as one stack, in batched matmuls: the demo's 31 matrices in 10 stacks, 14 ms a step where one at a time took 20.
 """
 import torch
 

@@ -71,6 +71,7 @@ batch_size = 2  # per process, per micro-step
 gradient_accumulation_steps = 16  # global: divided between the processes
 num_workers = 2  # data loader processes: decode and preprocess off the training step's critical path
 train_on = "all"  # 'all': learn every assistant turn of a row; 'last': only its final one (artemis-vlm's collator)
+max_pixels = 0  # the most pixels an image is resized to, saved with the checkpoint; 0: the processor's own
 # model shapes, for init_from='scratch' only (the vocabulary comes from the dataset's tokenizer)
 n_layer = 4
 n_head = 4
@@ -271,6 +272,10 @@ except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key o
 if model.config.quantization:  # int8 weights take no gradients, and saving would write float over them
     die(f"init_from={init_from!r}: an {model.config.quantization} checkpoint (quantize.py) cannot be trained; "
         "train from the full-precision checkpoint it was made from")
+if max_pixels:  # a run of its own image size: config/drawings_shape.py learns shape at 32x32, drawings.py goes on at 48
+    if max_pixels < processor.min_pixels:
+        die(f"max_pixels={max_pixels}: expected at least the processor's min_pixels={processor.min_pixels}, or 0")
+    processor.max_pixels = max_pixels
 if processor.image_token_id != model.config.image_token_id:
     die(f"the tokenizer's <|image_pad|> is id {processor.image_token_id}, the model's "
                      f"image_token_id is {model.config.image_token_id}")

@@ -10,6 +10,7 @@ out_dir = "out-drawings"
 init_from = "pretrained"
 pretrained = "out-drawings-shape/ckpt"  # config/drawings_shape.py's checkpoint
 dataset = "data/drawings"
+max_pixels = 2304  # 48x48, the drawings' own size: the shape run's checkpoint says 32x32 (config/drawings_shape.py)
 stage = "stage2"  # projector and decoder...
 vision_top_n = 3  # ...and the whole vision tower (config/drawings_shape.py's 3 blocks)
 optimizer = "muon"  # the first run's (config/drawings_shape.py says why)

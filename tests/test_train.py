@@ -393,6 +393,25 @@ def test_checkpoint_loads_in_artemis_vlm(tmp_path, data, tiny_ckpt):
     assert (torch.log_softmax(got, -1) - torch.log_softmax(want, -1)).abs().max() <= 4e-6  # measured 9.5e-7
 
 
+def tokens_per_row(stdout):
+    """Tokens per row of the first logged step, from its samples/s and tok/s."""
+    m = re.search(r"iter 0: .* ([\d.]+) samples/s, (\d+) tok/s", stdout)
+    return float(m[2]) / float(m[1])
+
+
+def test_max_pixels_sizes_the_images_and_is_saved(tmp_path, data):
+    """The shapes' 96x96 images at max_pixels=64*64 are 4 vision tokens each, not 9, and the checkpoint's processor
+    keeps that size, as config/drawings_shape.py's smaller images need; a bad value is one line."""
+    full = train(tmp_path / "full", data, "--init_from=scratch", "--max_iters=1").stdout
+    small = train(tmp_path / "small", data, "--init_from=scratch", "--max_iters=1", "--max_pixels=4096").stdout
+    assert tokens_per_row(full) - tokens_per_row(small) == pytest.approx(9 - 4, abs=0.2)
+    assert Processor.from_pretrained(str(tmp_path / "small" / "ckpt")).max_pixels == 4096
+    assert Processor.from_pretrained(str(tmp_path / "full" / "ckpt")).max_pixels == Processor.from_pretrained(
+        data).max_pixels
+    line = one_error(train(tmp_path / "bad", data, "--init_from=scratch", "--max_pixels=-5", check=False))
+    assert "max_pixels=-5" in line and "min_pixels" in line
+
+
 def test_bad_init_from_is_one_line(tmp_path, data):
     p = train(tmp_path, data, "--init_from=nowhere", check=False)
     assert p.returncode == 2 and "init_from='nowhere'" in p.stderr and "Traceback" not in p.stderr
