@@ -23,7 +23,8 @@ shapes: "a small red circle on a white background." style captions of generated 
 drawings: the same captions and tokenizer on shapes varied as people's drawings in a paint program are (filled or
   outlined, proportions, canvas size and aspect, place, shade, size, anti-aliasing, JPEG), stored at most 48x48 px:
   4-px patches, 4-36 vision tokens. One run writes them twice, with the full captions into data/drawings and with size
-  and shape alone into data/drawings-shape (--captions=full,shape), for the demo's two training runs.
+  and shape alone into data/drawings-shape (--captions=full,shape), for the demo's two training runs: the second set
+  the same draws at 32x32 (--shape_image_size), where the first run learns shape in 0.6x the step.
 
 Rows longer than max_seq_len tokens (chat template rendered as Processor.collate renders it, image pads expanded)
 are dropped; unreadable images, caption-less samples and malformed rows are skipped; all are counted in the summary,
@@ -90,8 +91,10 @@ if __name__ == '__main__':  # the command line's options, read by main() alone
     #                  more slowly), 48 for drawings (12x12 patches of 4: 36 tokens; see drawings())
     seed = 1337  # shapes/drawings
     captions = None  # shapes/drawings: 'full', 'shape' ("a small circle.", into <out_dir>-shape) or both in one run,
-    #                  'full,shape': the same images, for the drawings demo's first run (config/drawings_shape.py);
+    #                  'full,shape': the same drawings, for the drawings demo's first run (config/drawings_shape.py);
     #                  None = SYNTHETIC's ('full' for shapes, 'full,shape' for drawings)
+    shape_image_size = None  # the 'shape' set's image_size; None = SYNTHETIC's (drawings: 32, where shape is learned
+    #                  as well as at 48 in 0.6x the step: docs/experiments.md), else image_size
     chunk_size = 1000  # rows per piece (chat, llava, shapes)
     num_workers = os.cpu_count()
     configure(globals())
@@ -323,18 +326,19 @@ DATASETS = ('shapes', 'drawings', 'tars', 'chat', 'llava')
 # generated here, with their own tokenizer: their defaults for how many images, the largest side the processor keeps
 # (max_pixels = image_size**2), its patch size and the held-out fraction (400-640 images)
 SYNTHETIC = {'shapes': dict(num_samples=8000, image_size=96, patch_size=16, val_frac=0.05, captions='full'),
-             'drawings': dict(num_samples=40000, image_size=48, patch_size=4, val_frac=0.01, captions='full,shape')}
+             'drawings': dict(num_samples=40000, image_size=48, patch_size=4, val_frac=0.01, captions='full,shape',
+                              shape_image_size=32)}
 DRAWN_BY = 3  # drawings(): its routine (2: outlines, proportions, drawn at the kept size; 3: large from 65%, not 62%);
 #             meta.json records it, so data drawn by another is never added to
 
 
-def source(o):
+def source(o, image_size):
     """The source of dataset o.dataset as a function of a work unit's payload alone, the options it reads bound
     (a partial of a module function: it travels to the pool's workers, whatever their start method)."""
     if o.dataset == 'shapes':
-        return partial(shapes, seed=o.seed, image_size=o.image_size, prompt=o.prompt)
+        return partial(shapes, seed=o.seed, image_size=image_size, prompt=o.prompt)
     if o.dataset == 'drawings':
-        return partial(drawings, seed=o.seed, prompt=o.prompt, image_size=o.image_size)
+        return partial(drawings, seed=o.seed, prompt=o.prompt, image_size=image_size)
     if o.dataset == 'tars':
         return partial(tar_samples, prompt=o.prompt)
     return partial(json_rows, llava=o.dataset == 'llava')
@@ -494,8 +498,14 @@ def resolve(options):
     words = o.captions.split(',')
     if not words or any(w not in ('full', 'shape') for w in words) or len(set(words)) < len(words):
         die(f"--captions must be 'full', 'shape' or 'full,shape', got {o.captions!r}")
+    o.shape_image_size = o.shape_image_size or defaults.get('shape_image_size', o.image_size)
+    for k in ('image_size', 'shape_image_size'):
+        if type(getattr(o, k)) is not int or getattr(o, k) < 1:
+            die(f"--{k} must be a whole number of pixels, at least 1, got {getattr(o, k)!r}")
     base = o.out_dir or os.path.join('data', o.dataset)
-    o.views = [(base if w == 'full' else base.rstrip('/\\') + '-shape', w) for w in words]  # (out_dir, words)
+    # (out_dir, words, image_size): the same drawings (the same random draws), each set drawn at its own size
+    o.views = [(base, w, o.image_size) if w == 'full' else (base.rstrip('/\\') + '-shape', w, o.shape_image_size)
+               for w in words]
     return o
 
 
@@ -561,14 +571,14 @@ def open_done(out_dir):
     return open(path, 'a')
 
 
-def run_pool(o, todo, processor_dir, done):
-    """The units of todo written by a pool of workers, each finished piece listed as it comes in the done.jsonl of
-    each view that lacks it (done: each view's finished pieces). -> how many were left undone, their source
-    unreadable."""
-    settings = dict(source=source(o), views=o.views, val_frac=o.val_frac, max_seq_len=o.max_seq_len,
+def run_pool(o, todo, views, image_size, processor_dir, done):
+    """The units of todo written by a pool of workers into views ((out_dir, words) of one image_size), each finished
+    piece listed as it comes in the done.jsonl of each view that lacks it (done: each view's finished pieces). -> how
+    many were left undone, their source unreadable."""
+    settings = dict(source=source(o, image_size), views=views, val_frac=o.val_frac, max_seq_len=o.max_seq_len,
                     fmt=dict(format='PNG') if o.dataset in SYNTHETIC else dict(format='JPEG', quality=95),
                     lengths={} if o.dataset in SYNTHETIC else None)
-    failed, logs = 0, [open_done(out_dir) for out_dir, _ in o.views]
+    failed, logs = 0, [open_done(out_dir) for out_dir, _ in views]
     with Pool(min(o.num_workers, len(todo)), init, (processor_dir, o.min_pixels, o.max_pixels, settings)) as pool:
         for name, counts, err in tqdm(pool.imap_unordered(pool_work, todo), total=len(todo), desc=o.dataset,
                                       unit='piece'):
@@ -585,9 +595,11 @@ def run_pool(o, todo, processor_dir, done):
     return failed
 
 
-def view_settings(o, words):
-    """What one view's meta.json records: the options, its caption words, and drawings()'s version."""
-    settings = {k: v for k, v in vars(o).items() if k not in ('out_dir', 'num_workers', 'views', 'captions')}
+def view_settings(o, words, image_size):
+    """What one view's meta.json records: the options, its caption words and image size, and drawings()'s version."""
+    settings = {k: v for k, v in vars(o).items()
+                if k not in ('out_dir', 'num_workers', 'views', 'captions', 'shape_image_size')}
+    settings['image_size'] = image_size
     if words != 'full':  # recorded only when not 'full', so that a meta.json written before the option still matches
         settings['captions'] = words
     if o.dataset == 'drawings':
@@ -600,26 +612,31 @@ def main(options):
     added to (one for the real datasets; one per caption set of the generated ones), and a summary line for each on
     stdout."""
     o = resolve(options)
-    for out_dir, words in o.views:
+    for out_dir, words, size in o.views:
         meta_path = os.path.join(out_dir, 'meta.json')
         if os.path.exists(meta_path):
-            check_resume(meta_path, out_dir, view_settings(o, words))
+            check_resume(meta_path, out_dir, view_settings(o, words, size))
     processor, units = work_units(o)
 
-    own = shapes_processor(o.dataset, o.prompt, o.image_size, o.min_pixels, o.max_pixels) if processor == '.' else None
-    for out_dir, words in o.views:
+    for out_dir, words, size in o.views:
         for split in ('train', 'val'):
             os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         meta_path = os.path.join(out_dir, 'meta.json')
         if not os.path.exists(meta_path):
             with open(meta_path, 'w') as f:
-                json.dump({'config': view_settings(o, words), 'processor': processor}, f, indent=1)
-        if own and not os.path.exists(os.path.join(out_dir, 'tokenizer.json')):
-            own.save_pretrained(out_dir)
-    done = [read_done(out_dir, cut_ok=True) for out_dir, _ in o.views]
-    todo = [u for u in units if any(u[0] not in d for d in done)]
-    failed = run_pool(o, todo, o.views[0][0] if processor == '.' else processor, done) if todo else 0
-    for out_dir, _ in o.views:
+                json.dump({'config': view_settings(o, words, size), 'processor': processor}, f, indent=1)
+        if processor == '.' and not os.path.exists(os.path.join(out_dir, 'tokenizer.json')):
+            shapes_processor(o.dataset, o.prompt, size, o.min_pixels, o.max_pixels).save_pretrained(out_dir)
+    done = {out_dir: read_done(out_dir, cut_ok=True) for out_dir, _, _ in o.views}
+    already = {out_dir: sum(name in d for name, _ in units) for out_dir, d in done.items()}
+    failed = 0
+    for size in dict.fromkeys(size for _, _, size in o.views):  # a pass for each image size, each drawn at its own
+        views = [(out_dir, words) for out_dir, words, s in o.views if s == size]
+        todo = [u for u in units if any(u[0] not in done[out_dir] for out_dir, _ in views)]
+        if todo:
+            failed += run_pool(o, todo, views, size, views[0][0] if processor == '.' else processor,
+                               [done[out_dir] for out_dir, _ in views])
+    for out_dir, _, _ in o.views:
         total = sum(map(Counter, read_done(out_dir).values()), Counter())
         if o.dataset in SYNTHETIC and total['val']:  # a held-out image for README's `python sample.py` command
             PreparedDataset(out_dir, 'val')[0]['images'][0].save(os.path.join(out_dir, 'example.png'))
@@ -627,8 +644,7 @@ def main(options):
         skipped = ', '.join(f"{n} {k}" for k, n in sorted(total.items()) if k not in kept)
         print(f"{out_dir}: {total['train']} train + {total['val']} val rows "
               f"({total['train turns']} + {total['val turns']} assistant turns); skipped: {skipped or 'none'}"
-              + (f"; {len(units) - len(todo)} of {len(units)} pieces were already done" if len(todo) < len(units)
-                 else '')
+              + (f"; {already[out_dir]} of {len(units)} pieces were already done" if already[out_dir] else '')
               + (f"; {failed} unreadable sources left undone (re-run to retry)" if failed else ''))
 
 

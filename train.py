@@ -272,7 +272,7 @@ except (ValueError, FileNotFoundError) as e:  # the loaders name the file, key o
 if model.config.quantization:  # int8 weights take no gradients, and saving would write float over them
     die(f"init_from={init_from!r}: an {model.config.quantization} checkpoint (quantize.py) cannot be trained; "
         "train from the full-precision checkpoint it was made from")
-if max_pixels:  # a run of its own image size: config/drawings_shape.py learns shape at 32x32, drawings.py goes on at 48
+if max_pixels:  # a run at another image size than its checkpoint's: config/drawings.py goes on at 48x48 from 32x32
     if max_pixels < processor.min_pixels:
         die(f"max_pixels={max_pixels}: expected at least the processor's min_pixels={processor.min_pixels}, or 0")
     processor.max_pixels = max_pixels

@@ -10,7 +10,6 @@
 out_dir = "out-drawings-shape"
 init_from = "scratch"
 dataset = "data/drawings-shape"
-max_pixels = 1024  # 32x32: shape is learned as well from smaller images, at 0.6x the step; drawings.py goes on at 48
 stage = "stage2"  # projector and decoder...
 vision_depth = 3  # at 1800 + 1200 iters 2 blocks got 81.1% held-out, 3 got 86.9%; 4 learned shape slower
 vision_top_n = 3  # ...and the whole vision tower (its depth): nothing here is pretrained

@@ -112,8 +112,9 @@ def test_drawings_dataset(tmp_path):
 
 def test_drawings_shape_captions(tmp_path):
     """One run writes both caption sets: data/drawings and data/drawings-shape hold the same drawings, split the same
-    way, the second captioned with size and shape only, with the tokenizer of the full captions: the drawings demo's
-    second run goes on from the first's checkpoint, processor included. --captions=shape alone gives the same."""
+    way, the second captioned with size and shape only and drawn at 32x32 px, with the tokenizer of the full
+    captions: the drawings demo's second run goes on from the first's checkpoint, processor included.
+    --captions=shape alone gives the same."""
     args = ("--dataset=drawings", "--num_samples=40", "--chunk_size=20", "--val_frac=0.2")
     summary = ok(tmp_path, *args)
     assert summary.splitlines()[0].startswith(os.path.join("data", "drawings") + ": ")
@@ -123,11 +124,17 @@ def test_drawings_shape_captions(tmp_path):
     for split in ("train", "val"):
         a, b = PreparedDataset(full, split), PreparedDataset(short, split)
         assert len(a) == len(b) > 0
+        smaller = 0
         for i in range(len(a)):
             w = a[i]["messages"][1]["content"].split()  # a small red circle on a white background.
             assert b[i]["messages"][1]["content"] == f"a {w[1]} {w[3]}."
-            assert a[i]["images"][0].tobytes() == b[i]["images"][0].tobytes()
+            (w48, h48), (w32, h32) = a[i]["images"][0].size, b[i]["images"][0].size
+            assert w32 * h32 <= min(32 * 32, w48 * h48)  # the same canvas, drawn smaller
+            smaller += w32 * h32 < w48 * h48
+    assert smaller > len(a) // 2
+    assert Processor.from_pretrained(full).max_pixels == 48 * 48
     proc = Processor.from_pretrained(short)
+    assert proc.max_pixels == 32 * 32
     rows = [PreparedDataset(short, "train")[i] for i in range(4)]
     batch = proc.collate(rows)
     ids = batch["input_ids"][0][batch["labels"][0] != -100]
