@@ -1,10 +1,10 @@
 # The demo that captions people's own drawings, second of its two runs: the graft of config/drawings_shape.py, which
 # learned shape and size first, goes on to the full captions of shapes varied as people draw them.
 #   python prepare.py --dataset=drawings && python train.py config/drawings_shape.py && python train.py config/drawings.py && python sample.py --image=data/drawings/example.png --prompt="Describe this image." --temperature=0
-# Expect held-out loss 0.008-0.02 at iter 1200 (0.0194 at 2 threads; 0.0109, 0.0166, 0.0080, 0.0187, 0.0137 and 0.0138
-# at seeds 1 to 6); 94.3-97.8% exact on held-out drawings, 95.1-96.8% on tests/shapes_fresh.py, 96.0-98.8% on
-# tests/shapes_drawn.py, 94.8-97.8% on tests/shapes_drawn2.py (seven runs). Time: README's "Two commands" (over its
-# 4-minute aim; 2400 + 1600 iters bought no more on shapes_fresh.py at one seed: README and docs/experiments.md).
+# Expect held-out loss 0.009-0.025 at iter 1200 (0.0096 at 2 threads; 0.0144, 0.0124, 0.0147, 0.0250, 0.0117 and
+# 0.0129 at seeds 1 to 6); 94.3-97.3% exact on held-out drawings, 94.7-97.5% on tests/shapes_fresh.py, 94.2-98.5% on
+# tests/shapes_drawn.py, 96.5-99.5% on tests/shapes_drawn2.py (seven runs). Time: README's "Two commands" (over its
+# 4-minute aim; fewer steps or pixels cost points, more buy none: README and docs/experiments.md).
 # What was tried on the way, and at which settings: docs/experiments.md.
 out_dir = "out-drawings"
 init_from = "pretrained"

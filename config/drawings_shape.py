@@ -2,8 +2,10 @@
 # captioned without their color and background ("a small circle."); config/drawings.py then goes on from its checkpoint
 # to the full captions.
 #   python prepare.py --dataset=drawings && python train.py config/drawings_shape.py
-# Expect held-out loss 0.02-0.035 at iter 1800: 0.0303 at 2 threads (README's command), 0.0242, 0.0308, 0.0218, 0.0229,
-# 0.0282 and 0.0315 at seeds 1 to 6 (1 thread). A machine repeats its own figure; another CPU sums in another order.
+# Expect held-out loss 0.039-0.053 at iter 1800: 0.0482 at 2 threads (README's command), 0.0532, 0.0485, 0.0518,
+# 0.0392, 0.0483 and 0.0519 at seeds 1 to 6 (1 thread), on prepare.py's 32x32 drawings of data/drawings-shape (at 48x48
+# the run took 1.6x as long for no more accuracy after config/drawings.py). A machine repeats its own figure; another
+# CPU sums in another order.
 # Time: README's "Two commands".
 # Why two runs: learned from the start, color and background slow the learning of shape. The runs that showed it, and
 # what else was tried: docs/experiments.md.
