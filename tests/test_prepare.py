@@ -316,6 +316,7 @@ def test_llava_and_chat(shapes, tmp_path):
     (["--dataset=coco"], ["--dataset", "shapes, drawings, tars, chat, llava", "coco"]),
     (["--dataset=tars", "--tokenizer=x"], ["--src"]),
     (["--dataset=chat", "--src=x.jsonl", "--tokenizer=missing_dir"], ["--tokenizer", "missing_dir"]),
+    (["--dataset=drawings", "--shape_image_size=-32"], ["--shape_image_size", "-32", "at least 1"]),
 ])
 def test_bad_arguments(tmp_path, args, words):
     rc, out, err = prepare(tmp_path, *args)
