@@ -131,7 +131,7 @@ def test_drawings_shape_captions(tmp_path):
             (w48, h48), (w32, h32) = a[i]["images"][0].size, b[i]["images"][0].size
             assert w32 * h32 <= min(32 * 32, w48 * h48)  # the same canvas, drawn smaller
             smaller += w32 * h32 < w48 * h48
-    assert smaller > len(a) // 2
+        assert smaller > len(a) // 2
     assert Processor.from_pretrained(full).max_pixels == 48 * 48
     proc = Processor.from_pretrained(short)
     assert proc.max_pixels == 32 * 32
