@@ -11,7 +11,8 @@ both references.
 
 torch.optim.Muon takes the same step, but orthogonalizes in bf16, which a CPU runs several times slower than fp32:
 the drawings demo's step took 1.3x as long with it as with this one. A group's matrices of one shape are orthogonalized
-as one stack, in batched matmuls: the demo's 31 matrices in 10 stacks, 14 ms a step where one at a time took 20.
+as one stack, in batched matmuls: the demo's 31 matrices in 10 stacks, 14 ms a step where one at a time took 20;
+the iteration's scalings done inside the matmuls (baddbmm) take 20% off that (17 to 13.5 ms on another machine).
 """
 import torch
 
@@ -25,9 +26,13 @@ def orthogonalize(g, steps=5):
     tall = g.shape[-2] > g.shape[-1]
     x = g.mT if tall else g  # the Gram matrix of the short side is the cheap one
     x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)  # singular values at most 1: converges
+    x = x if x.dim() == 3 else x[None]  # baddbmm takes stacks only
     for _ in range(steps):
-        A = x @ x.mT  # (..., short, short)
-        x = a * x + (b * A + c * A @ A) @ x
+        A = x @ x.mT  # (k, short, short)
+        # x <- a x + (b A + c A^2) x, the scalings in the matmuls' own epilogue rather than as four more passes
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        x = torch.baddbmm(x, B, x, beta=a)
+    x = x if g.dim() == 3 else x[0]
     return x.mT if tall else x
 
 
