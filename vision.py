@@ -63,19 +63,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, lens):
+    def forward(self, x, cos, sin, groups):
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.n_head, -1).unbind(1)  # each (N, n_head, head_dim)
         # rotary in fp32 like the reference, whatever the activation dtype
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        ys, sizes = [], [t * hw for t, hw in lens]
-        # attention never crosses images or frames: the t frames of one image are a batch of t sequences
-        for (t, hw), *qkv in zip(lens, q.split(sizes), k.split(sizes), v.split(sizes)):
-            qi, ki, vi = (z.view(t, hw, self.n_head, -1).transpose(1, 2) for z in qkv)
-            y = F.scaled_dot_product_attention(qi, ki, vi)  # (t, n_head, hw, head_dim), scale head_dim**-0.5
-            ys.append(y.transpose(1, 2).reshape(t * hw, D))
-        return self.proj(torch.cat(ys))
+        y = torch.empty_like(q)
+        # attention never crosses images or frames: the frames of all images of one size are one batch of sequences
+        for idx, hw in groups:
+            qi, ki, vi = (z[idx].view(-1, hw, self.n_head, z.shape[-1]).transpose(1, 2) for z in (q, k, v))
+            yi = F.scaled_dot_product_attention(qi, ki, vi)  # (frames, n_head, hw, head_dim), scale head_dim**-0.5
+            y[idx] = yi.transpose(1, 2).reshape(-1, self.n_head, yi.shape[-1])
+        return self.proj(y.view(N, D))
 
 
 class Block(nn.Module):
@@ -90,8 +90,8 @@ class Block(nn.Module):
             linear_fc2=nn.Linear(config.intermediate_size, config.hidden_size),
         ))
 
-    def forward(self, x, cos, sin, lens):
-        x = x + self.attn(self.norm1(x), cos, sin, lens)
+    def forward(self, x, cos, sin, groups):
+        x = x + self.attn(self.norm1(x), cos, sin, groups)
         h = F.gelu(self.mlp.linear_fc1(self.norm2(x)), approximate=self.approximate)
         return x + self.mlp.linear_fc2(h)
 
@@ -108,6 +108,17 @@ def grid_positions(grid_thw, m):
     row = win // (ww // m) * m + r
     col = win % (ww // m) * m + c
     return row, col, hh, ww
+
+
+def frame_groups(grid_thw):
+    """[(rows of x, frame size hw)], one per frame size: the patches of every frame of hw patches, frame after frame,
+    for one batched attention each, where a loop over the images would make a small call per image and block."""
+    n = grid_thw.prod(-1)  # (n_images,)
+    hw = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(n)  # (N,) the frame size of each patch
+    sizes = hw.unique().tolist()
+    if len(sizes) == 1:  # one size (a single image, a fixed resolution): all of x, read in place
+        return [(slice(None), sizes[0])]
+    return [((hw == s).nonzero()[:, 0], s) for s in sizes]
 
 
 def bilinear_taps(i, n, side):
@@ -140,7 +151,6 @@ class VisionTower(nn.Module):
         proj = self.patch_embed.proj
         dev, dtype = proj.weight.device, proj.weight.dtype
         grid_thw = grid_thw.to(dev)
-        lens = [(t, h * w) for t, h, w in grid_thw.tolist()]
 
         # the Conv3d's kernel equals its stride, so it is one matmul over flattened patches
         x = F.linear(pixel_values.to(dev, dtype), proj.weight.view(D, -1), proj.bias)  # (N, D)
@@ -160,8 +170,9 @@ class VisionTower(nn.Module):
         emb = torch.cat([freqs, freqs], -1)[:, None, :]  # (N, 1, hd), broadcast over heads
         cos, sin = emb.cos(), emb.sin()
 
+        groups = frame_groups(grid_thw)
         for block in self.blocks:
-            x = block(x, cos, sin, lens)  # (N, D)
+            x = block(x, cos, sin, groups)  # (N, D)
 
         x = self.merger.norm(x).view(-1, D * m * m)  # (N / m^2, m^2 D): one row per m x m window
         x = self.merger.linear_fc2(F.gelu(self.merger.linear_fc1(x)))

@@ -8,9 +8,10 @@ from transformers import Qwen3VLVisionConfig, Qwen3VLVisionModel
 
 from vision import VisionConfig, VisionTower
 
-# several images in one call: wide, tall, a single merge window, a 2-frame clip, and grids both
-# smaller and larger than the 8x8 position table (down- and up-sampling)
-GRID = torch.tensor([[1, 4, 6], [1, 8, 4], [1, 2, 2], [2, 4, 4], [1, 12, 10]])
+# several images in one call: wide, tall, a single merge window, a 2-frame clip, grids both smaller and larger than
+# the 8x8 position table (down- and up-sampling), and last a frame of the first's size in another shape (attention
+# batches the frames of one size, wherever they are in the call)
+GRID = torch.tensor([[1, 4, 6], [1, 8, 4], [1, 2, 2], [2, 4, 4], [1, 12, 10], [1, 6, 4]])
 
 
 def randomize(model):
