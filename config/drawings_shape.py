@@ -2,10 +2,10 @@
 # captioned without their color and background ("a small circle."); config/drawings.py then goes on from its checkpoint
 # to the full captions.
 #   python prepare.py --dataset=drawings && python train.py config/drawings_shape.py
-# Expect held-out loss 0.039-0.053 at iter 1800: 0.0482 at 2 threads (README's command), 0.0532, 0.0485, 0.0518,
-# 0.0392, 0.0483 and 0.0519 at seeds 1 to 6 (1 thread), on prepare.py's 32x32 drawings of data/drawings-shape (at 48x48
-# the run took 1.6x as long for no more accuracy after config/drawings.py). A machine repeats its own figure; another
-# CPU sums in another order.
+# Expect held-out loss 0.039-0.053 at iter 1800: 0.0493 at 2 threads (README's command on an EPYC; 0.0482 on a Xeon),
+# 0.0532, 0.0485, 0.0518, 0.0392, 0.0483 and 0.0519 at seeds 1 to 6 (1 thread), on prepare.py's 32x32 drawings of
+# data/drawings-shape (at 48x48 the run took 1.6x as long for no more accuracy after config/drawings.py). A machine
+# repeats its own figure; another CPU sums in another order.
 # Time: README's "Two commands".
 # Why two runs: learned from the start, color and background slow the learning of shape. The runs that showed it, and
 # what else was tried: docs/experiments.md.
@@ -34,7 +34,7 @@ min_lr_frac = 0.1
 eval_interval = 1000
 eval_iters = 8
 log_interval = 500
-num_workers = 0  # a batch loads in about 8 ms: in the step's own process, where a loader worker would take a core
-threads = 2  # from the step (AdamW at 2 threads and no worker: 59 ms a step; 1 thread beside a worker: 78 ms)
+num_workers = 0  # a batch loads in about 11 ms: in the step's own process, where a loader worker would take a core
+threads = 2  # ms a step at iter 200: 62 at 2 threads and no worker, 75 with one, 81 at 1 thread with or without
 device = "cpu"
 dtype = "float32"
