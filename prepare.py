@@ -576,7 +576,7 @@ def run_pool(o, todo, views, image_size, processor_dir, done):
     piece listed as it comes in the done.jsonl of each view that lacks it (done: each view's finished pieces). -> how
     many were left undone, their source unreadable."""
     # the generated images as PNG at zlib's fastest level: the same pixels as the default level 6, in half its time
-    # (the drawings demo's 80000 images: about 1 s of prepare.py's 25), in files a tenth larger
+    # (the drawings demo's 80000 images: about 1 s of prepare.py's 25), in files 8% larger
     lossless = dict(format='PNG', compress_level=1)
     settings = dict(source=source(o, image_size), views=views, val_frac=o.val_frac, max_seq_len=o.max_seq_len,
                     fmt=lossless if o.dataset in SYNTHETIC else dict(format='JPEG', quality=95),

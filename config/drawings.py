@@ -4,8 +4,8 @@
 # Expect held-out loss 0.009-0.025 at iter 1200 (0.0104 at 2 threads on an EPYC, 0.0096 on a Xeon; 0.0144, 0.0124,
 # 0.0147, 0.0250, 0.0117 and 0.0129 at seeds 1 to 6); 94.3-97.3% exact on held-out drawings, 94.7-97.5% on
 # tests/shapes_fresh.py, 94.2-98.5% on tests/shapes_drawn.py, 94.5-99.5% on tests/shapes_drawn2.py (nine runs). Time:
-# README's "Two commands" (4.0-4.1 minutes against its 4-minute aim; fewer steps or pixels cost points, more buy
-# none: README and docs/experiments.md).
+# README's "Two commands" (4.0-5.1 minutes against its 4-minute aim, eight runs on two EPYCs; fewer steps or pixels
+# cost points, more buy none: README and docs/experiments.md).
 # What was tried on the way, and at which settings: docs/experiments.md.
 out_dir = "out-drawings"
 init_from = "pretrained"
